@@ -1,0 +1,72 @@
+"""Spectrum Pruning Unit (SPU): pure tensor functions, no model or I/O.
+
+At a stage, the visual tokens of one media item are laid on their (t, h, w) grid and low-pass
+filtered over the spatial axes with an FFT. A token's high-frequency residual is the norm of
+(token - its low-pass value) relative to the token's norm. Low-residual tokens are the ones the
+low frequencies already describe, so they are pruned; the top-k by residual survive. Nothing reads
+attention weights, so every layer keeps its fast attention kernel.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from luvc_common.config import ConfigError
+
+Grid = tuple[int, int, int]
+
+
+def lowpass(x: Tensor, cutoff: float, window: str = "ideal") -> Tensor:
+    """Low-pass filter (t, h, w, D) features over the h and w axes; returns float32 of the same shape.
+
+    `cutoff` is the kept fraction of the spatial band (frequencies up to cutoff * Nyquist).
+    """
+    _, h, w, _ = x.shape
+    spectrum = torch.fft.rfft2(x.float(), dim=(1, 2))
+    fh = torch.fft.fftfreq(h, device=x.device).abs()[:, None]
+    fw = torch.fft.rfftfreq(w, device=x.device)[None, :]
+    band = cutoff * 0.5
+    if window == "ideal":
+        gain = ((fh <= band) & (fw <= band)).float()
+    else:
+        gain = torch.exp(-(fh**2 + fw**2) / (2 * band**2))
+    return torch.fft.irfft2(spectrum * gain[None, :, :, None], s=(h, w), dim=(1, 2))
+
+
+def highfreq_residual(tokens: Tensor, low: Tensor, eps: float = 1e-6) -> Tensor:
+    """||token - low|| / ||token|| along the last axis."""
+    tokens = tokens.float()
+    return (tokens - low).norm(dim=-1) / tokens.norm(dim=-1).clamp_min(eps)
+
+
+def select(
+    tokens: Tensor, cells: Tensor, grid: Grid, keep: int, cutoff: float, window: str, fill: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Choose which of one item's surviving visual tokens to keep.
+
+    tokens: (n, D) hidden states of the survivors; cells: (n,) their flat (t, h, w) raster index;
+    fill: (t*h*w, D) low-pass reconstruction of the previous stage, used for the pruned cells
+    (None at the first stage, when every cell is present).
+    Returns (sorted indices into `tokens` of the `keep` survivors, this stage's (t*h*w, D) low-pass).
+    """
+    t, h, w = grid
+    full = tokens.new_zeros(t * h * w, tokens.shape[-1], dtype=torch.float32) if fill is None else fill.clone()
+    full[cells] = tokens.float()
+    low = lowpass(full.view(t, h, w, -1), cutoff, window).view(t * h * w, -1)
+    keep = min(keep, tokens.shape[0])
+    if keep == 0:
+        return cells.new_zeros(0), low
+    scores = highfreq_residual(tokens, low[cells])
+    return scores.topk(keep).indices.sort().values, low
+
+
+def stage_layers(stages: tuple[tuple[float, float], ...], num_layers: int) -> dict[int, float]:
+    """Resolve (relative depth, keep ratio) stages to {decoder layer index: keep ratio}."""
+    layers = {round(d * num_layers): r for d, r in stages}
+    idx = list(layers)
+    if len(idx) != len(stages) or not all(1 <= i <= num_layers - 1 for i in idx):
+        raise ConfigError(
+            f"spu.stages depths {[d for d, _ in stages]} resolve to layers {[round(d * num_layers) for d, _ in stages]}"
+            f" on a {num_layers}-layer LLM: expected distinct layers in [1, {num_layers - 1}]"
+        )
+    return layers

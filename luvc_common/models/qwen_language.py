@@ -1,0 +1,242 @@
+"""Qwen2-VL / Qwen2.5-VL language model run layer by layer, with the SPU cascade between layers.
+
+Batching: requests are left-padded into one batch. Pruning removes a different number of tokens
+from each row, so at every SPU stage the survivors are re-packed (still left-padded) and each
+layer remembers its own padding mask; its KV cache holds exactly the tokens that reached it.
+Kept tokens keep their original M-RoPE positions; text tokens are never pruned. Nothing asks the
+attention implementation for weights, so sdpa and flash_attention_2 run every layer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from luvc_common.compression import spu
+from luvc_common.config import SPUConfig
+
+
+class PromptError(ValueError):
+    """The prompt's visual placeholders do not match the visual tokens supplied."""
+
+
+@dataclass
+class Request:
+    """One prompt with the encoder output for its media items."""
+
+    input_ids: list[int]
+    """Prompt ids with each media item's placeholder token repeated once per visual token."""
+    embeds: Tensor
+    """(n_visual, D) projector output for all media items, in prompt order."""
+    grids: list[tuple[int, int, int]]
+    """Per media item, the (merged) ViT grid (t, h, w) the encoder reported."""
+
+
+@dataclass
+class _Span:
+    start: int
+    length: int
+    grid: tuple[int, int, int]  # LLM-token grid: (t, h / unit, w / unit)
+
+
+@dataclass
+class PrefillState:
+    cache: DynamicCache
+    layer_valid: list[Tensor]
+    """Per layer, (B, L_i) bool: which cached positions are real tokens."""
+    next_position: Tensor
+    """(B,) M-RoPE position of the next generated token."""
+    logits: Tensor
+    """(B, V) next-token logits."""
+    visual_per_layer: list[list[int]]
+    """Per request, visual tokens entering each decoder layer."""
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]
+    visual_per_layer: list[list[int]]
+    prefill_ms: float
+    decode_ms: float
+    step_logits: list[Tensor] = field(default_factory=list)
+
+
+class LanguageEngine:
+    """Prefill and greedy decoding over a loaded Qwen-VL language half (or full model)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lm = model.model.language_model
+        self.config = model.config
+        self.unit = model.config.vision_config.spatial_merge_size
+        self.media_token_types = {model.config.image_token_id: 1, model.config.video_token_id: 2}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.lm.layers)
+
+    def _spans(self, ids: Tensor, req: Request) -> list[_Span]:
+        is_media = torch.isin(ids, torch.tensor(list(self.media_token_types)))
+        positions = is_media.nonzero().flatten().tolist()
+        counts = [t * h * w // self.unit**2 for t, h, w in req.grids]
+        if len(positions) != sum(counts) or sum(counts) != len(req.embeds):
+            raise PromptError(
+                f"prompt has {len(positions)} visual placeholder tokens, the media give {sum(counts)} "
+                f"(grids {req.grids}) and {len(req.embeds)} visual embeddings were supplied"
+            )
+        spans, offset = [], 0
+        for n, (t, h, w) in zip(counts, req.grids):
+            start = positions[offset]
+            if positions[offset + n - 1] != start + n - 1 or (offset + n < len(positions) and positions[offset + n] == start + n):
+                raise PromptError(f"media item {len(spans)}: its {n} placeholder tokens are not one contiguous run")
+            spans.append(_Span(start, n, (t, h // self.unit, w // self.unit)))
+            offset += n
+        return spans
+
+    def _mask(self, valid: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | None:
+        """Attention mask for queries = the last q_len of `valid`'s keys (causal)."""
+        if self.config._attn_implementation.startswith("flash"):
+            return None if bool(valid.all()) else valid.long()
+        k_len = valid.shape[1]
+        allowed = valid[:, None, None, :].expand(-1, 1, q_len, -1)
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=valid.device).tril(k_len - q_len)
+        itself = causal & ~causal.tril(k_len - q_len - 1)  # padding queries attend to themselves: no empty rows
+        allowed = (allowed & causal) | itself
+        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @torch.no_grad()
+    def prefill(self, requests: list[Request], spu_cfg: SPUConfig | None) -> PrefillState:
+        device, dtype = self.lm.embed_tokens.weight.device, self.lm.embed_tokens.weight.dtype
+        width = max(len(r.input_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.config.text_config.pad_token_id or 0, dtype=torch.long)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        for b, r in enumerate(requests):
+            ids[b, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
+            valid[b, width - len(r.input_ids) :] = True
+        spans = [[_Span(s.start + width - len(r.input_ids), s.length, s.grid) for s in self._spans(torch.tensor(r.input_ids), r)] for b, r in enumerate(requests)]
+
+        hidden = self.lm.embed_tokens(ids.to(device))
+        for b, r in enumerate(requests):
+            for s, e in zip(spans[b], r.embeds.split([s.length for s in spans[b]])):
+                hidden[b, s.start : s.start + s.length] = e.to(device, dtype)
+        token_type = torch.zeros_like(ids, dtype=torch.int)
+        for token_id, kind in self.media_token_types.items():
+            token_type[ids == token_id] = kind
+        image_grids, video_grids = [], []
+        for b, r in enumerate(requests):
+            for s, g in zip(spans[b], r.grids):
+                (image_grids if token_type[b, s.start] == 1 else video_grids).append(list(g))
+        position_ids, _ = self.model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=token_type,
+            image_grid_thw=torch.tensor(image_grids) if image_grids else None,
+            video_grid_thw=torch.tensor(video_grids) if video_grids else None,
+            attention_mask=valid.long(),
+        )
+        position_ids = position_ids.to(device)
+        next_position = (position_ids.amax(dim=(0, 2)) + 1).cpu()
+        cos, sin = self.lm.rotary_emb(hidden, position_ids)
+        source = torch.where(valid, torch.arange(width).expand_as(ids), -1)
+        valid = valid.to(device)
+
+        stages = spu.stage_layers(spu_cfg.stages, self.num_layers) if spu_cfg else {}
+        low_pass: dict[tuple[int, int], Tensor] = {}
+        cache = DynamicCache(config=self.config.get_text_config())
+        layer_valid, visual_per_layer = [], [[] for _ in requests]
+        for i, layer in enumerate(self.lm.layers):
+            if i in stages:
+                keep = self._spu_keep(hidden, source, spans, stages[i], spu_cfg, low_pass)
+                hidden, cos, sin, source, valid = _repack(keep, hidden, cos, sin, source)
+            for b in range(len(requests)):
+                visual_per_layer[b].append(sum(int(((source[b] >= s.start) & (source[b] < s.start + s.length)).sum()) for s in spans[b]))
+            layer_valid.append(valid)
+            hidden = layer(
+                hidden,
+                attention_mask=self._mask(valid, hidden.shape[1], dtype),
+                position_embeddings=(cos, sin),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
+        return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
+
+    def _spu_keep(self, hidden, source, spans, ratio, cfg: SPUConfig, low_pass) -> Tensor:
+        keep = source >= 0
+        for b, row_spans in enumerate(spans):
+            for j, s in enumerate(row_spans):
+                members = ((source[b] >= s.start) & (source[b] < s.start + s.length)).nonzero().flatten()
+                if len(members) == 0:
+                    continue
+                kept, low_pass[b, j] = spu.select(
+                    hidden[b, members], (source[b, members] - s.start).to(hidden.device), s.grid,
+                    round(ratio * s.length), cfg.cutoff, cfg.window, low_pass.get((b, j)),
+                )
+                drop = torch.ones(len(members), dtype=torch.bool)
+                drop[kept.cpu()] = False
+                keep[b, members[drop]] = False
+        return keep
+
+    @torch.no_grad()
+    def decode_step(self, state: PrefillState, tokens: Tensor) -> Tensor:
+        """Feed one token per row through the cached layers; returns (B, V) logits."""
+        device = self.lm.embed_tokens.weight.device
+        hidden = self.lm.embed_tokens(tokens.to(device)[:, None])
+        position_ids = state.next_position.to(device).view(1, -1, 1).expand(3, -1, 1)
+        cos, sin = self.lm.rotary_emb(hidden, position_ids)
+        for i, layer in enumerate(self.lm.layers):
+            v = state.layer_valid[i]
+            state.layer_valid[i] = torch.cat([v, v.new_ones(len(v), 1)], dim=1)
+            hidden = layer(
+                hidden,
+                attention_mask=self._mask(state.layer_valid[i], 1, hidden.dtype),
+                position_embeddings=(cos, sin),
+                past_key_values=state.cache,
+                use_cache=True,
+            )
+        state.next_position += 1
+        return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
+
+    def generate(
+        self, requests: list[Request], spu_cfg: SPUConfig | None, max_new_tokens: int, keep_logits: bool = False
+    ) -> Generation:
+        """Greedy decoding; returned token ids stop before EOS (EOS excluded)."""
+        eos = self.config.text_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        t0 = time.perf_counter()
+        state = self.prefill(requests, spu_cfg)
+        t1 = time.perf_counter()
+        out: list[list[int]] = [[] for _ in requests]
+        done = [False] * len(requests)
+        logits, step_logits = state.logits, []
+        for step in range(max_new_tokens):
+            if keep_logits:
+                step_logits.append(logits)
+            next_tokens = logits.argmax(-1).cpu()
+            for b, tok in enumerate(next_tokens.tolist()):
+                done[b] = done[b] or tok in eos
+                if not done[b]:
+                    out[b].append(tok)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(state, next_tokens)
+        t2 = time.perf_counter()
+        return Generation(out, state.visual_per_layer, (t1 - t0) * 1e3, (t2 - t1) * 1e3, step_logits)
+
+
+def _repack(keep: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, source: Tensor):
+    """Gather each row's kept positions, left-padded to the longest row."""
+    counts = keep.sum(1)
+    width = int(counts.max())
+    index = torch.zeros(len(keep), width, dtype=torch.long)
+    valid = torch.zeros(len(keep), width, dtype=torch.bool)
+    for b in range(len(keep)):
+        kept = keep[b].nonzero().flatten()
+        index[b, width - len(kept) :] = kept
+        valid[b, width - len(kept) :] = True
+    dev = hidden.device
+    gather = lambda x: x.gather(1, index.to(dev)[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    source = torch.where(valid, source.gather(1, index), -1)
+    return gather(hidden), gather(cos), gather(sin), source, valid.to(dev)

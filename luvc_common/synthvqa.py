@@ -1,0 +1,276 @@
+"""SynthVQA: a deterministic procedural visual-QA generator.
+
+Each example is a plain scene description (dataclasses) that is rendered with PIL; the answer is
+computed from the description alone by `answer_for`, so it can be checked without looking at pixels.
+Example `index` of `seed` is the same whatever the dataset size. Six task families, balanced:
+color, shape, count, position, read (a 3-5 digit number) and chart (tallest of 3-6 labelled bars).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+TASKS = ("color", "shape", "count", "position", "read", "chart")
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+          "yellow": (230, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = (("top left", "top", "top right"), ("left", "center", "right"),
+             ("bottom left", "bottom", "bottom right"))
+BAR_LABELS = "ABCDEF"
+ANSWERS: dict[str, tuple[str, ...] | None] = {
+    "color": tuple(COLORS), "shape": SHAPES, "count": tuple(str(i) for i in range(10)),
+    "position": tuple(p for row in POSITIONS for p in row), "read": None, "chart": tuple(BAR_LABELS)}
+"""Allowed answers per task; None for "read", whose answer is any 3-5 digit number."""
+
+SIDES = tuple(range(224, 673, 28))
+_SIDE_W = np.array([3.0 if s <= 448 else 1.0 for s in SIDES])  # mostly modest sizes: a tiny model trains on CPU
+_SIDE_P = _SIDE_W / _SIDE_W.sum()
+GAP = 4  # minimum free pixels between objects and to the image border
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A filled shape inside the square of half-side `size` centred on (cx, cy)."""
+    shape: str
+    color: str
+    cx: int
+    cy: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    x0: int
+    x1: int
+    height: int  # pixels above the scene's baseline
+    color: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    objects: tuple[Shape, ...] = ()
+    text: str = ""  # black text with its top-left corner at text_xy
+    text_xy: tuple[int, int] = (0, 0)
+    font_size: int = 0  # of the text, or of the bar labels
+    bars: tuple[Bar, ...] = ()
+    baseline: int = 0  # y of the bars' bottom edge
+
+
+@dataclass(frozen=True)
+class QuestionSpec:
+    """What is asked: the task plus the colour and/or shape that name the referred objects."""
+    task: str
+    color: str | None = None
+    shape: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    scene: Scene
+    spec: QuestionSpec
+    question: str
+    answer: str
+    task: str
+
+
+class _Crowded(Exception):
+    """No free spot was found for an object; the scene is drawn again."""
+
+
+@lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def question_text(spec: QuestionSpec) -> str:
+    if spec.task == "color":
+        return f"What color is the {spec.shape}?"
+    if spec.task == "shape":
+        return f"What shape is the {spec.color} object?"
+    if spec.task == "count":
+        return f"How many {spec.color + ' ' if spec.color else ''}{spec.shape}s are there?"
+    if spec.task == "position":
+        return f"Where is the {spec.color} {spec.shape}?"
+    return {"read": "What number is written in the image?", "chart": "Which bar is the tallest?"}[spec.task]
+
+
+def answer_for(scene: Scene, spec: QuestionSpec) -> str:
+    """The answer to `spec` computed from the scene description; ValueError if the reference is ambiguous."""
+    if spec.task == "read":
+        return scene.text
+    if spec.task == "chart":
+        return max(scene.bars, key=lambda b: b.height).label
+    matches = [o for o in scene.objects if spec.color in (None, o.color) and spec.shape in (None, o.shape)]
+    if spec.task == "count":
+        return str(len(matches))
+    if len(matches) != 1:
+        raise ValueError(f"{spec} refers to {len(matches)} objects, expected exactly one")
+    obj = matches[0]
+    if spec.task == "color":
+        return obj.color
+    if spec.task == "shape":
+        return obj.shape
+    return POSITIONS[3 * obj.cy // scene.height][3 * obj.cx // scene.width]
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _kinds(rng: np.random.Generator, k: int, ok: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+    """k random (color, shape) pairs among those accepted by ok."""
+    pool = [(c, s) for c in COLORS for s in SHAPES if ok(c, s)]
+    return [pool[int(i)] for i in rng.integers(len(pool), size=k)]
+
+
+def _place(rng: np.random.Generator, scene: Scene, kinds: list[tuple[str, str]], sizes: tuple[int, int],
+           box: tuple[int, int, int, int] | None = None) -> Scene:
+    """Adds non-overlapping shapes of half-size in [sizes) at random centres (inside box when given)."""
+    objects = list(scene.objects)
+    for color, shape in kinds:
+        s = int(rng.integers(*sizes))
+        x0, y0, x1, y1 = box or (s + GAP, s + GAP, scene.width - s - GAP, scene.height - s - GAP)
+        for _ in range(200):
+            cx, cy = int(rng.integers(x0, x1 + 1)), int(rng.integers(y0, y1 + 1))
+            if all(max(abs(cx - o.cx), abs(cy - o.cy)) > s + o.size + GAP for o in objects):
+                break
+        else:
+            raise _Crowded
+        objects.append(Shape(shape, color, cx, cy, s))
+    return Scene(scene.width, scene.height, scene.background, tuple(objects))
+
+
+def _build(rng: np.random.Generator, task: str) -> tuple[Scene, QuestionSpec]:
+    w, h = (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
+    scene = Scene(w, h, tuple(int(v) for v in rng.integers(225, 256, size=3)))
+    color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
+    n_distractors = int(rng.integers(0, 4))
+    if task == "color":  # the only object of its shape
+        kinds = [(color, shape)] + _kinds(rng, n_distractors, lambda c, s: s != shape)
+        return _place(rng, scene, kinds, (14, 31)), QuestionSpec(task, shape=shape)
+    if task == "shape":  # the only object of its colour
+        kinds = [(color, shape)] + _kinds(rng, n_distractors, lambda c, s: c != color)
+        return _place(rng, scene, kinds, (14, 31)), QuestionSpec(task, color=color)
+    if task == "count":  # small objects, so that token compression can hurt
+        ask_color = bool(rng.random() < 0.5)
+        asked = lambda c, s: s == shape and (c == color or not ask_color)
+        targets = _kinds(rng, int(rng.integers(0, 10)), asked)
+        kinds = targets + _kinds(rng, int(rng.integers(0, 5)), lambda c, s: not asked(c, s))
+        return _place(rng, scene, kinds, (6, 12)), QuestionSpec(task, color if ask_color else None, shape)
+    if task == "position":  # centre well inside one of the 3x3 cells
+        row, col, s = int(rng.integers(3)), int(rng.integers(3)), int(rng.integers(12, 21))
+        mx, my = max(0.15 * w / 3, s + GAP), max(0.15 * h / 3, s + GAP)
+        box = (int(np.ceil(col * w / 3 + mx)), int(np.ceil(row * h / 3 + my)),
+               int((col + 1) * w / 3 - mx), int((row + 1) * h / 3 - my))
+        scene = _place(rng, scene, [(color, shape)], (s, s + 1), box)
+        kinds = _kinds(rng, n_distractors, lambda c, sh: (c, sh) != (color, shape))
+        return _place(rng, scene, kinds, (12, 21)), QuestionSpec(task, color, shape)
+    if task == "read":  # small but legible black digits
+        digits = int(rng.integers(3, 6))
+        text, size = str(int(rng.integers(10 ** (digits - 1), 10 ** digits))), int(rng.integers(14, 23))
+        _, _, right, bottom = _font(size).getbbox(text)
+        xy = (int(rng.integers(8, w - right - 8)), int(rng.integers(8, h - bottom - 8)))
+        return Scene(w, h, scene.background, text=text, text_xy=xy, font_size=size), QuestionSpec(task)
+    if task == "chart":  # distinct heights, the tallest over 1.25x the next
+        winner = int(rng.integers(len(BAR_LABELS)))  # uniform over the letters, then enough bars to hold it
+        n, size, margin = int(rng.integers(max(3, winner + 1), 7)), int(rng.integers(14, 21)), 16
+        baseline = h - margin - size - 6
+        tallest = int(rng.integers(int(0.7 * (baseline - margin)), baseline - margin + 1))
+        pool = np.arange(int(0.15 * tallest), int(0.8 * tallest))
+        others = iter(int(v) for v in rng.choice(pool, n - 1, replace=False))
+        slot = (w - 2 * margin) / n
+        bars = tuple(Bar(BAR_LABELS[i], int(margin + (i + 0.2) * slot), int(margin + (i + 0.8) * slot),
+                         tallest if i == winner else next(others), _pick(rng, tuple(COLORS))) for i in range(n))
+        return Scene(w, h, scene.background, font_size=size, bars=bars, baseline=baseline), QuestionSpec(task)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def make_example(seed: int, index: int, task: str | None = None) -> Example:
+    """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written."""
+    task = task or TASKS[index % len(TASKS)]
+    rng = np.random.Generator(np.random.PCG64([seed, index]))
+    for _ in range(50):
+        try:
+            scene, spec = _build(rng, task)
+            return Example(scene, spec, question_text(spec), answer_for(scene, spec), task)
+        except _Crowded:
+            continue
+    raise RuntimeError(f"could not lay out example {index} of seed {seed}")
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draws the scene as an RGB image."""
+    img = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.cx - o.size, o.cy - o.size, o.cx + o.size, o.cy + o.size
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([(o.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    if scene.text:
+        draw.text(scene.text_xy, scene.text, fill=(0, 0, 0), font=_font(scene.font_size))
+    for b in scene.bars:
+        draw.rectangle((b.x0, scene.baseline - b.height, b.x1, scene.baseline), fill=COLORS[b.color])
+        draw.text(((b.x0 + b.x1) // 2, scene.baseline + 4), b.label, fill=(0, 0, 0),
+                  font=_font(scene.font_size), anchor="mt")
+    if scene.bars:
+        x0, x1 = scene.bars[0].x0 - 4, scene.bars[-1].x1 + 4
+        draw.line((x0, scene.baseline, x1, scene.baseline), fill=(60, 60, 60), width=2)
+    return img
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False) -> Path:
+    """Writes out_dir/data.jsonl and out_dir/images/NNNNNN.png for n examples; returns the jsonl path."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    indices = range(n)
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc="synthvqa")
+    path = out_dir / "data.jsonl"
+    with open(path, "w") as f:
+        for i in indices:
+            ex = make_example(seed, i)
+            image = f"images/{i:06d}.png"
+            render(ex.scene).save(out_dir / image)
+            record = {"image": image, "question": ex.question, "answer": ex.answer, "task": ex.task}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, trim spaces and drop one final period, for exact-match scoring."""
+    s = s.strip().lower()
+    return s[:-1].strip() if s.endswith(".") else s
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Reads a SynthVQA-style jsonl; image paths are resolved relative to the file."""
+    path = Path(path)
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+        missing = [k for k in ("image", "question", "answer", "task") if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
+        records.append({**rec, "image": str(path.parent / rec["image"])})
+    return records

@@ -1,0 +1,110 @@
+"""SynthVQA: determinism, answer validity, answers recomputed from the scene, rendering, jsonl I/O."""
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from luvc_common.synthvqa import (ANSWERS, COLORS, TASKS, load_jsonl, make_example, normalize_answer,
+                                  render, write_dataset)
+
+N = 60  # ten examples of each task
+
+
+def _independent_answer(ex) -> str:
+    """Recomputes the answer from the scene description without answer_for."""
+    scene, spec = ex.scene, ex.spec
+    if ex.task == "read":
+        return scene.text
+    if ex.task == "chart":
+        heights = [b.height for b in scene.bars]
+        assert len(set(heights)) == len(heights) and sorted(heights)[-1] > 1.2 * sorted(heights)[-2]
+        return scene.bars[int(np.argmax(heights))].label
+    matching = [o for o in scene.objects
+                if (spec.color is None or o.color == spec.color) and (spec.shape is None or o.shape == spec.shape)]
+    if ex.task == "count":
+        return str(len(matching))
+    assert len(matching) == 1, f"ambiguous reference in {ex.question!r}"
+    obj = matching[0]
+    if ex.task == "color":
+        return obj.color
+    if ex.task == "shape":
+        return obj.shape
+    # position: the centre must be clearly inside one third along each axis
+    def third(v: float, size: int) -> int:
+        frac = 3 * v / size
+        assert abs(frac - round(frac)) > 0.1 or round(frac) in (0, 3), "centre too close to a cell border"
+        return 0 if frac < 1 else 1 if frac < 2 else 2
+    row, col = third(obj.cy, scene.height), third(obj.cx, scene.width)
+    vertical, horizontal = ("top", "", "bottom")[row], ("left", "", "right")[col]
+    return f"{vertical} {horizontal}".strip() or "center"
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = (write_dataset(tmp_path / name, 12, seed) for name, seed in (("a", 7), ("b", 7), ("c", 8)))
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    for rec in json.loads("[" + ",".join(a.read_text().splitlines()) + "]"):
+        assert (a.parent / rec["image"]).read_bytes() == (b.parent / rec["image"]).read_bytes()
+    pixels = lambda root, i: np.asarray(Image.open(root / "images" / f"{i:06d}.png"))
+    assert any(pixels(a.parent, i).shape != pixels(c.parent, i).shape
+               or (pixels(a.parent, i) != pixels(c.parent, i)).any() for i in range(12))
+
+
+def test_example_does_not_depend_on_dataset_size(tmp_path):
+    small, large = write_dataset(tmp_path / "s", 4, 3), write_dataset(tmp_path / "l", 9, 3)
+    assert large.read_text().splitlines()[:4] == small.read_text().splitlines()
+    assert make_example(3, 5) == make_example(3, 5)
+    assert np.array_equal(np.asarray(render(make_example(3, 5).scene)), np.asarray(render(make_example(3, 5).scene)))
+
+
+def test_answers_valid_sizes_and_background():
+    examples = [make_example(0, i) for i in range(N)]
+    assert {ex.task for ex in examples} == set(TASKS)
+    for ex in examples:
+        if ex.task == "read":
+            assert re.fullmatch(r"[1-9]\d{2,4}", ex.answer)
+        else:
+            assert ex.answer in ANSWERS[ex.task]
+        assert normalize_answer(ex.answer) == ex.answer.lower()
+        img = render(ex.scene)
+        w, h = img.size
+        assert img.mode == "RGB" and (w, h) == (ex.scene.width, ex.scene.height)
+        assert w % 28 == 0 and h % 28 == 0 and 224 <= w <= 672 and 224 <= h <= 672
+        assert min(ex.scene.background) >= 200 and img.getpixel((0, 0)) == ex.scene.background
+
+
+def test_answers_recomputed_from_scene():
+    for task in TASKS:
+        for i in range(N):
+            ex = make_example(11, i, task)
+            assert ex.task == task and ex.answer == _independent_answer(ex), (task, i, ex.question)
+
+
+def test_rendered_pixels_match_scene():
+    ex = make_example(5, 0, "color")
+    obj = next(o for o in ex.scene.objects if o.shape == ex.spec.shape)
+    pixel = np.array(render(ex.scene).getpixel((obj.cx, obj.cy)))
+    assert np.abs(pixel - np.array(COLORS[ex.answer])).max() <= 10
+    ex = make_example(5, 4, "read")
+    gray = np.asarray(render(ex.scene).convert("L"))
+    assert (gray < 80).sum() > 20
+
+
+@pytest.mark.parametrize("raw, expected", [("Red", "red"), ("  top left. ", "top left"), ("7.", "7"),
+                                           ("A", "a"), ("12345", "12345"), ("blue..", "blue.")])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_load_jsonl_resolves_paths_and_rejects_missing_key(tmp_path):
+    path = write_dataset(tmp_path, 3, 1)
+    records = load_jsonl(path)
+    assert len(records) == 3 and all(Image.open(r["image"]).mode == "RGB" for r in records)
+    lines = path.read_text().splitlines()
+    broken = json.loads(lines[1])
+    del broken["answer"]
+    path.write_text("\n".join([lines[0], json.dumps(broken), lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r":2: .*answer"):
+        load_jsonl(path)
