@@ -1,7 +1,8 @@
 """Orthogonal Iterative Merger (OIM): pure tensor functions, no model or I/O.
 
 Patch tokens of each media item live on a (t, h, w) grid. A merge step averages adjacent pairs
-along ONE spatial axis (weighted by how many original patches each token stands for), so the grid
+(triples at the end of an axis whose half is not a multiple of the projector's unit) along ONE
+spatial axis (weighted by how many original patches each token stands for), so the grid
 stays rectangular and the vision tower's 2D rotary embedding, window attention and 2x2 projector
 keep working. Steps alternate between the width ("lateral") and height ("longitudinal") axes.
 
@@ -51,33 +52,39 @@ def raster_to_block_major(x: Tensor, unit: int) -> Tensor:
 
 
 def merged_length(n: int, unit: int) -> int:
-    """Length of an axis of n tokens after one step: about half, kept a multiple of `unit`.
+    """Length of an axis of n tokens after one step: half, rounded down to a multiple of `unit`.
 
-    Pairs are merged from the start of the axis; the last (2 * out - n) tokens stay single when
-    exact halving would break divisibility by `unit`. An axis of one unit cannot shrink.
+    The projector needs every grid side to be a multiple of `unit`; when n / 2 is not, the last
+    groups merge three tokens instead of two, so a step never keeps more than half the tokens.
+    An axis of a single unit cannot shrink.
     """
-    half = -(-n // 2)
-    return min(n, -(-half // unit) * unit)
+    return max(unit, n // 2 // unit * unit)
 
 
-def merge_pairs(values: list[Tensor], sizes: Tensor, axis: int, out_len: int) -> tuple[list[Tensor], Tensor]:
-    """Size-weighted mean of adjacent pairs along `axis` of (t, h, w, ...) tensors.
+def group_index(n: int, out_len: int) -> Tensor:
+    """(n,) output slot of each input token: pairs first, then triples (or singles) at the end."""
+    if 2 * out_len >= n:  # cannot halve: the last 2*out_len - n tokens stay single
+        sizes = [2] * (n - out_len) + [1] * (2 * out_len - n)
+    else:
+        sizes = [2] * (3 * out_len - n) + [3] * (n - 2 * out_len)
+    return torch.repeat_interleave(torch.arange(out_len), torch.tensor(sizes))
 
-    The first n - out_len pairs are merged; the remaining tokens pass through. `sizes` is (t, h, w).
+
+def merge_groups(values: list[Tensor], sizes: Tensor, axis: int, out_len: int) -> tuple[list[Tensor], Tensor]:
+    """Size-weighted mean of adjacent groups (see group_index) along `axis` of (t, h, w, ...) tensors.
+
+    `sizes` is (t, h, w): original patches per token; the merged sizes are their sums.
     """
-    n = sizes.shape[axis]
-    pairs = n - out_len
-    s = sizes.movedim(axis, 0)
-    s_pair = s[: 2 * pairs].reshape(pairs, 2, *s.shape[1:])
-    new_sizes = torch.cat([s_pair.sum(1), s[2 * pairs :]]).movedim(0, axis)
+    index = group_index(sizes.shape[axis], out_len).to(sizes.device)
+    s = sizes.movedim(axis, 0).float()
+    new_sizes = s.new_zeros(out_len, *s.shape[1:]).index_add_(0, index, s)
     merged = []
     for v in values:
         v = v.movedim(axis, 0)
-        v_pair = v[: 2 * pairs].reshape(pairs, 2, *v.shape[1:])
-        w = s_pair.reshape(*s_pair.shape, *([1] * (v.dim() - 3))).float()
-        mean = ((v_pair.float() * w).sum(1) / w.sum(1)).to(v.dtype)
-        merged.append(torch.cat([mean, v[2 * pairs :]]).movedim(0, axis))
-    return merged, new_sizes
+        w = s.reshape(*s.shape, *([1] * (v.dim() - 3)))
+        total = v.new_zeros(out_len, *v.shape[1:], dtype=torch.float32).index_add_(0, index, v.float() * w)
+        merged.append((total / new_sizes.reshape(*new_sizes.shape, *([1] * (v.dim() - 3)))).to(v.dtype).movedim(0, axis))
+    return merged, new_sizes.movedim(0, axis)
 
 
 def grid_positions(grid: Grid, unit: int) -> Tensor:
@@ -96,7 +103,7 @@ def merge_step(tokens: TokenGrid, axis: str, unit: int, positions: str = "mean")
     hidden, sizes, pos, grids = [], [], [], []
     for x, s, p, grid in parts:
         out_len = merged_length(grid[dim], unit)
-        (x, p), s = merge_pairs(
+        (x, p), s = merge_groups(
             [block_major_to_raster(x, grid, unit), block_major_to_raster(p, grid, unit)],
             block_major_to_raster(s, grid, unit),
             dim,

@@ -17,10 +17,7 @@ from transformers import DynamicCache
 
 from luvc_common.compression import spu
 from luvc_common.config import SPUConfig
-
-
-class PromptError(ValueError):
-    """The prompt's visual placeholders do not match the visual tokens supplied."""
+from luvc_common.prompt import PromptError
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""The two halves of a LUVC VLM as engines, and both together in one process.
+
+VisionEncoder (vision tower + OIM) and TextGenerator (LLM + SPU) are what the encoder and LLM
+services wrap; Pipeline chains them in-process for `luvc generate`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from luvc_common.config import CompressionConfig, Limits, OIMConfig, SPUConfig
+from luvc_common.media import Media, patchify
+from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
+from luvc_common.models.qwen_language import LanguageEngine, Request
+from luvc_common.models.qwen_vision import encode
+from luvc_common.prompt import PromptError, build_prompt_ids
+
+
+@dataclass
+class EncodedMedia:
+    """What the encoder hands the LLM side: compressed visual tokens and their grids."""
+
+    embeds: Tensor
+    """(N, D) projector output of all items, in order."""
+    kinds: list[str]
+    grids: list[tuple[int, int, int]]
+    """Merged ViT grid per item (what placeholders and M-RoPE follow)."""
+    source_grids: list[tuple[int, int, int]]
+    """ViT grid per item before merging."""
+    vit_patches: int
+    encode_ms: float = 0.0
+
+    def token_counts(self, unit: int) -> list[int]:
+        return [t * h * w // unit**2 for t, h, w in self.grids]
+
+
+@dataclass
+class GenerateResult:
+    model: str
+    method: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    visual_tokens: dict
+    timings_ms: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VisionEncoder:
+    def __init__(self, model_cfg: ModelConfig):
+        self.visual = load_model(model_cfg, "vision").model.visual
+        self.image_processor = load_image_processor(model_cfg.path)
+        self.unit = self.visual.spatial_merge_size
+
+    @torch.no_grad()
+    def encode(self, media: list[Media], oim: OIMConfig | None) -> EncodedMedia:
+        t0 = time.perf_counter()
+        if not media:
+            return EncodedMedia(self.visual.merger.mlp[-1].weight.new_zeros(0, self.visual.merger.mlp[-1].out_features), [], [], [], 0)
+        pixels, grid_thw = patchify(media, self.image_processor)
+        embeds, merged = encode(self.visual, pixels, grid_thw, oim)
+        as_tuples = lambda g: [tuple(int(v) for v in row) for row in g.tolist()]  # noqa: E731
+        return EncodedMedia(
+            embeds=embeds, kinds=[m.kind for m in media], grids=as_tuples(merged), source_grids=as_tuples(grid_thw),
+            vit_patches=int(grid_thw.prod(1).sum()), encode_ms=(time.perf_counter() - t0) * 1e3,
+        )
+
+
+class TextGenerator:
+    def __init__(self, model_cfg: ModelConfig, limits: Limits = Limits()):
+        self.engine = LanguageEngine(load_model(model_cfg, "language"))
+        self.tokenizer = load_tokenizer(model_cfg.path)
+        self.limits = limits
+        self.model_path = model_cfg.path
+
+    def prompt_ids(self, question: str, encoded: EncodedMedia) -> list[int]:
+        counts = encoded.token_counts(self.engine.unit)
+        return build_prompt_ids(self.tokenizer, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
+
+    def generate(self, question: str, encoded: EncodedMedia, spu: SPUConfig | None, max_new_tokens: int, method: str) -> GenerateResult:
+        if not 0 < max_new_tokens <= self.limits.max_new_tokens:
+            raise PromptError(f"max_new_tokens={max_new_tokens} is outside [1, {self.limits.max_new_tokens}]")
+        ids = self.prompt_ids(question, encoded)
+        gen = self.engine.generate([Request(ids, encoded.embeds, encoded.grids)], spu, max_new_tokens)
+        tokens = gen.token_ids[0]
+        return GenerateResult(
+            model=self.model_path, method=method, prompt_ids=ids, token_ids=tokens,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            visual_tokens={
+                "vit_patches": encoded.vit_patches,
+                "encoder_out": len(encoded.embeds),
+                "llm_per_layer": gen.visual_per_layer[0],
+                "grids": [list(g) for g in encoded.grids],
+                "source_grids": [list(g) for g in encoded.source_grids],
+            },
+            timings_ms={"encode": encoded.encode_ms, "prefill": gen.prefill_ms, "decode": gen.decode_ms},
+        )
+
+
+class Pipeline:
+    """Encoder and generator in one process."""
+
+    def __init__(self, model_cfg: ModelConfig = ModelConfig(), limits: Limits = Limits()):
+        self.encoder = VisionEncoder(model_cfg)
+        self.generator = TextGenerator(model_cfg, limits)
+        self.limits = limits
+
+    def generate(self, media: list[Media], question: str, compression: CompressionConfig, max_new_tokens: int = 32) -> GenerateResult:
+        if len(media) > self.limits.max_media:
+            raise PromptError(f"{len(media)} media items exceeds max_media={self.limits.max_media}")
+        t0 = time.perf_counter()
+        encoded = self.encoder.encode(media, compression.oim)
+        result = self.generator.generate(question, encoded, compression.spu, max_new_tokens, compression.method)
+        result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
+        return result
