@@ -52,7 +52,7 @@ def select(
     t, h, w = grid
     full = tokens.new_zeros(t * h * w, tokens.shape[-1], dtype=torch.float32) if fill is None else fill.clone()
     full[cells] = tokens.float()
-    low = lowpass(full.view(t, h, w, -1), cutoff, window).view(t * h * w, -1)
+    low = lowpass(full.view(t, h, w, -1), cutoff, window).reshape(t * h * w, -1)
     keep = min(keep, tokens.shape[0])
     if keep == 0:
         return cells.new_zeros(0), low

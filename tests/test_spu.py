@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+
+from luvc_common.compression.spu import highfreq_residual, lowpass, select, stage_layers
+from luvc_common.config import ConfigError, SPUConfig, method_config
+from luvc_common.models.loading import ModelConfig
+from luvc_common.pipeline import Pipeline
+
+
+def test_lowpass_keeps_smooth_and_removes_checkerboard():
+    h, w = 8, 10
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    smooth = torch.cos(2 * math.pi * xx / w).float()[None, ..., None]  # lowest nonzero frequency
+    checker = ((yy + xx) % 2 * 2 - 1).float()[None, ..., None]  # Nyquist
+    assert torch.allclose(lowpass(smooth, cutoff=0.5), smooth, atol=1e-5)
+    assert lowpass(checker, cutoff=0.5).abs().max() < 1e-5
+    assert torch.allclose(lowpass(torch.full((1, h, w, 3), 2.0), cutoff=0.1), torch.full((1, h, w, 3), 2.0), atol=1e-5)
+    g = lowpass(checker + smooth, cutoff=0.5, window="gaussian")
+    assert (g - smooth).abs().max() < (checker + smooth - smooth).abs().max()
+
+
+def test_select_keeps_high_frequency_outliers_in_order():
+    torch.manual_seed(0)
+    grid = (1, 6, 6)
+    tokens = torch.ones(36, 4) + 0.01 * torch.randn(36, 4)
+    spikes = torch.tensor([3, 17, 30])
+    tokens[spikes] += torch.tensor([5.0, -5.0, 5.0, -5.0])
+    kept, low = select(tokens, torch.arange(36), grid, keep=3, cutoff=0.25, window="ideal", fill=None)
+    assert kept.tolist() == spikes.tolist()
+    residual = highfreq_residual(tokens, low)
+    assert residual[spikes].min() > residual[~torch.isin(torch.arange(36), spikes)].max()
+
+
+def test_select_fills_pruned_cells_from_previous_low_pass():
+    torch.manual_seed(0)
+    grid = (1, 4, 4)
+    full = torch.randn(16, 3)
+    _, low = select(full, torch.arange(16), grid, keep=8, cutoff=0.5, window="ideal", fill=None)
+    survivors = torch.tensor([0, 5, 10, 15])
+    kept, _ = select(full[survivors], survivors, grid, keep=2, cutoff=0.5, window="ideal", fill=low)
+    assert len(kept) == 2 and kept.tolist() == sorted(kept.tolist())
+    kept, _ = select(full[survivors], survivors, grid, keep=0, cutoff=0.5, window="ideal", fill=low)
+    assert len(kept) == 0
+
+
+def test_stage_layers_resolve_and_reject_collisions():
+    assert stage_layers(SPUConfig().stages, 4) == {1: 0.5, 2: 0.25, 3: 0.0}
+    assert stage_layers(SPUConfig().stages, 28) == {7: 0.5, 14: 0.25, 21: 0.0}
+    with pytest.raises(ConfigError, match="spu.stages"):
+        stage_layers(((0.1, 0.5), (0.2, 0.0)), 4)  # both round to layer 0/1 on 4 layers
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"stages": ((0.5, 0.5),)}, "keep_ratio"),  # does not end at zero
+        ({"stages": ((0.5, 0.2), (0.7, 0.4), (0.8, 0.0))}, "keep_ratio"),  # increasing
+        ({"stages": ((0.5, 0.5), (0.4, 0.0))}, "depth"),
+        ({"stages": ((1.0, 0.0),)}, "depth"),
+        ({"stages": ()}, "spu.stages"),
+        ({"cutoff": 0.0}, "spu.cutoff"),
+        ({"cutoff": 1.5}, "spu.cutoff"),
+        ({"window": "hann"}, "spu.window"),
+    ],
+)
+def test_invalid_spu_config_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        SPUConfig(**kwargs)
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ConfigError, match="method"):
+        method_config("fastest")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model):
+    return Pipeline(ModelConfig(tiny_model))
+
+
+def test_counts_follow_schedule_and_text_is_untouched(pipeline, demo_image, demo_video):
+    gen = pipeline.generator
+    encoded = pipeline.encoder.encode([demo_image, demo_video], method_config("luvc").oim)
+    ids = gen.prompt_ids("What color is the circle?", encoded)
+    n_visual = len(encoded.embeds)
+    spu_cfg = SPUConfig(stages=((0.25, 0.5), (0.5, 0.2), (0.75, 0.0)))
+    state = gen.engine.prefill([_request(ids, encoded)], spu_cfg)
+    per_item = encoded.token_counts(2)
+    expected_visual = [n_visual, *(sum(round(r * n) for n in per_item) for r in (0.5, 0.2, 0.0))]
+    assert state.visual_per_layer[0] == expected_visual
+    n_text = len(ids) - n_visual
+    assert [int(v.sum()) - nv for v, nv in zip(state.layer_valid, expected_visual)] == [n_text] * 4
+    # each layer's KV cache holds exactly the tokens that reached it
+    cached = [layer.keys.shape[2] for layer in state.cache.layers]
+    assert cached == [n_text + nv for nv in expected_visual]
+
+
+def _request(ids, encoded):
+    from luvc_common.models.qwen_language import Request
+
+    return Request(ids, encoded.embeds, encoded.grids)
+
+
+@pytest.mark.parametrize("method", ["none", "luvc"])
+def test_cached_decode_equals_recomputation(pipeline, demo_image, method):
+    """Feeding tokens one at a time through the pruned per-layer caches gives the same logits as a
+    fresh prefill of the whole pruned sequence (visual tokens precede them, so pruning is the same)."""
+    gen = pipeline.generator
+    cfg = method_config(method)
+    encoded = pipeline.encoder.encode([demo_image], cfg.oim)
+    ids = gen.prompt_ids("What color is the circle?", encoded)
+    continuation = gen.tokenizer("the circle is blue and small", add_special_tokens=False)["input_ids"]
+    state = gen.engine.prefill([_request(ids, encoded)], cfg.spu)
+    for k, token in enumerate(continuation):
+        cached = gen.engine.decode_step(state, torch.tensor([token]))
+        fresh = gen.engine.prefill([_request(ids + continuation[: k + 1], encoded)], cfg.spu)
+        assert torch.allclose(fresh.logits, cached, atol=1e-4), f"step {k}"
+    assert fresh.visual_per_layer == state.visual_per_layer
+
+
+def test_batch_with_padding_equals_requests_alone(pipeline, demo_image, demo_video):
+    gen = pipeline.generator
+    cfg = method_config("luvc")
+    a = pipeline.encoder.encode([demo_image], cfg.oim)
+    b = pipeline.encoder.encode([demo_video], cfg.oim)
+    ra = _request(gen.prompt_ids("What color is the circle?", a), a)
+    rb = _request(gen.prompt_ids("Where is the red square?", b), b)
+    together = gen.engine.generate([ra, rb], cfg.spu, 6, keep_logits=True)
+    alone = [gen.engine.generate([r], cfg.spu, 6, keep_logits=True) for r in (ra, rb)]
+    assert together.token_ids == [alone[0].token_ids[0], alone[1].token_ids[0]]
+    assert together.visual_per_layer == [alone[0].visual_per_layer[0], alone[1].visual_per_layer[0]]
+    assert torch.allclose(together.step_logits[0][0], alone[0].step_logits[0][0], atol=1e-4)
+    assert torch.allclose(together.step_logits[0][1], alone[1].step_logits[0][0], atol=1e-4)
