@@ -17,7 +17,7 @@ BASE_WORDS = (
     "user assistant system what which where who how many much is are was the a an of in on at to and or "
     "it this that there image picture video frame color shape object number written tallest bar chart "
     "red green blue yellow purple orange black white gray circle circles square squares triangle triangles "
-    "top bottom left right center middle yes no describe answer question"
+    "top bottom left right center middle yes no describe answer question b c d e f"
 ).split()
 PUNCTUATION = list(".,?!:;'\"()-")
 
