@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from luvc_common.config import METHOD_NAMES, ConfigError, Limits, method_config
@@ -40,6 +41,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_config(args: argparse.Namespace):
+    from luvc_common.serving import MiB, ServerConfig
+
+    return ServerConfig(
+        host=args.host, port=args.port, max_message_bytes=args.max_message_mb * MiB, max_queue=args.max_queue,
+        grace_s=args.grace_s, auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+    )
+
+
+def cmd_serve_encoder(args: argparse.Namespace) -> int:
+    from encoder_service.service import EncoderConfig, run
+
+    run(EncoderConfig(ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype), _server_config(args))
+    return 0
+
+
+def cmd_serve_llm(args: argparse.Namespace) -> int:
+    from llm_service.service import LLMConfig, run
+
+    config = LLMConfig(
+        encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype,
+        encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
+    )
+    run(config, _server_config(args))
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from luvc_common.client import ClientOptions, LUVCClient, stats_to_json
+    from luvc_common.messages import image_file, video_dir
+
+    media = [image_file(p) for p in args.image] + ([video_dir(args.video)] if args.video else [])
+    options = ClientOptions(token=args.token, tls_ca=args.tls_ca, application=args.application)
+    try:
+        with LUVCClient(args.target, options) as client:
+            stats = None
+            for chunk in client.stream(args.prompt, media, method=args.method, max_new_tokens=args.max_new_tokens, timeout=args.timeout):
+                if not args.json:
+                    print(chunk.text, end="", flush=True)
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+    except grpc.RpcError as e:
+        print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    out = stats_to_json(stats)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        v, t = out["visual_tokens"], out["timings_ms"]
+        print()
+        print(
+            f"[{out['method']}] visual tokens: ViT patches {v['vit_patches']} -> encoder out {v['encoder_out']} -> LLM per layer "
+            f"{v['llm_per_layer']}; payload {out['payload_bytes']} B (uncompressed {out['payload_bytes_uncompressed']} B); "
+            + ", ".join(f"{k} {ms:.1f} ms" for k, ms in t.items()),
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from luvc_common.synthvqa import write_dataset
 
@@ -60,6 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _model_args(g)
     g.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="service", required=True)
+    for name, func in (("encoder", cmd_serve_encoder), ("llm", cmd_serve_llm)):
+        p = serve.add_parser(name, help=f"the {name} service")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, required=True)
+        if name == "llm":
+            p.add_argument("--encoder", required=True, metavar="HOST:PORT")
+            p.add_argument("--encoder-tls-ca", help="CA bundle to verify a TLS encoder")
+            p.add_argument("--encoder-token", default=os.environ.get("LUVC_ENCODER_TOKEN"), help="bearer token for the encoder")
+        p.add_argument("--wire-dtype", default="BF16", choices=["BF16", "FP16", "FP32"])
+        p.add_argument("--max-message-mb", type=int, default=64)
+        p.add_argument("--max-queue", type=int, default=32)
+        p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+        p.add_argument("--auth-token", default=os.environ.get("LUVC_AUTH_TOKEN"), help="require this bearer token")
+        p.add_argument("--tls-cert")
+        p.add_argument("--tls-key")
+        _model_args(p)
+        p.set_defaults(func=func)
+
+    c = sub.add_parser("client", help="ask a running LLM service")
+    c.add_argument("--target", required=True, metavar="HOST:PORT")
+    c.add_argument("--image", action="append", default=[], metavar="PATH")
+    c.add_argument("--video", metavar="DIR_OF_FRAMES")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--method", default="luvc", choices=METHOD_NAMES)
+    c.add_argument("--max-new-tokens", type=int, default=32)
+    c.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--token", default=os.environ.get("LUVC_AUTH_TOKEN"))
+    c.add_argument("--tls-ca")
+    c.add_argument("--application", help="Ray Serve application name (behind Ray's gRPC proxy)")
+    c.set_defaults(func=cmd_client)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a SynthVQA JSONL set")

@@ -41,7 +41,9 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> Image.Imag
         if w * h > limits.max_image_pixels:
             raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={limits.max_image_pixels}")
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise MediaError(f"{name}: unreadable image (unknown or corrupt format)") from None
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
         raise MediaError(f"{name}: unreadable image ({e})") from None
 
 

@@ -82,11 +82,13 @@ class TextGenerator:
         counts = encoded.token_counts(self.engine.unit)
         return build_prompt_ids(self.tokenizer, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
 
-    def generate(self, question: str, encoded: EncodedMedia, spu: SPUConfig | None, max_new_tokens: int, method: str) -> GenerateResult:
+    def generate(
+        self, question: str, encoded: EncodedMedia, spu: SPUConfig | None, max_new_tokens: int, method: str, on_step=None
+    ) -> GenerateResult:
         if not 0 < max_new_tokens <= self.limits.max_new_tokens:
             raise PromptError(f"max_new_tokens={max_new_tokens} is outside [1, {self.limits.max_new_tokens}]")
         ids = self.prompt_ids(question, encoded)
-        gen = self.engine.generate([Request(ids, encoded.embeds, encoded.grids)], spu, max_new_tokens)
+        gen = self.engine.generate([Request(ids, encoded.embeds, encoded.grids)], spu, max_new_tokens, on_step=on_step)
         tokens = gen.token_ids[0]
         return GenerateResult(
             model=self.model_path, method=method, prompt_ids=ids, token_ids=tokens,

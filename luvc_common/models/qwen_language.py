@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -197,9 +198,17 @@ class LanguageEngine:
         return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
 
     def generate(
-        self, requests: list[Request], spu_cfg: SPUConfig | None, max_new_tokens: int, keep_logits: bool = False
+        self,
+        requests: list[Request],
+        spu_cfg: SPUConfig | None,
+        max_new_tokens: int,
+        keep_logits: bool = False,
+        on_step: Callable[[list[list[int]]], bool] | None = None,
     ) -> Generation:
-        """Greedy decoding; returned token ids stop before EOS (EOS excluded)."""
+        """Greedy decoding; returned token ids stop before EOS (EOS excluded).
+
+        `on_step(new)` gets each step's new token ids per request (none once a request has hit EOS);
+        returning False stops generation (a cancelled or expired RPC)."""
         eos = self.config.text_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         t0 = time.perf_counter()
@@ -212,11 +221,13 @@ class LanguageEngine:
             if keep_logits:
                 step_logits.append(logits)
             next_tokens = logits.argmax(-1).cpu()
+            accepted: list[list[int]] = []
             for b, tok in enumerate(next_tokens.tolist()):
                 done[b] = done[b] or tok in eos
-                if not done[b]:
-                    out[b].append(tok)
-            if all(done) or step == max_new_tokens - 1:
+                accepted.append([] if done[b] else [tok])
+                out[b] += accepted[b]
+            stopped = on_step is not None and on_step(accepted) is False
+            if all(done) or step == max_new_tokens - 1 or stopped:
                 break
             logits = self.decode_step(state, next_tokens)
         t2 = time.perf_counter()

@@ -21,20 +21,21 @@ from luvc_common.tokenizer import IMAGE_PAD, IM_END, PAD, VIDEO_PAD, VISION_END,
 FAMILIES = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration), "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
 
 
-def tiny_config(family: str, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256):
-    """Config of a ~4M-parameter model: vision 128-dim x vision_depth, LLM hidden x text_layers."""
+def tiny_config(family: str, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256,
+                vision_dim: int = 128, init_range: float = 0.1):
+    """Config of a ~4M-parameter model (defaults): vision vision_dim x vision_depth, LLM hidden x text_layers."""
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=init_range,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
         bos_token_id=ids(PAD), eos_token_id=ids(IM_END), pad_token_id=ids(PAD),
     )
-    vision = dict(depth=vision_depth, num_heads=4, initializer_range=0.1, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    vision = dict(depth=vision_depth, num_heads=4, initializer_range=init_range, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     if family == "qwen2_vl":
-        vision.update(embed_dim=128, hidden_size=hidden, mlp_ratio=2)
+        vision.update(embed_dim=vision_dim, hidden_size=hidden, mlp_ratio=2)
     else:
-        vision.update(hidden_size=128, out_hidden_size=hidden, intermediate_size=256, window_size=56,
+        vision.update(hidden_size=vision_dim, out_hidden_size=hidden, intermediate_size=2 * vision_dim, window_size=56,
                       fullatt_block_indexes=[vision_depth - 1])
     config_cls, _ = FAMILIES[family]
     return config_cls(

@@ -1,0 +1,75 @@
+"""The encoder service: media in, OIM-compressed visual tokens out."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from luvc_common.config import Limits, method_config
+from luvc_common.messages import encoded_to_proto, media_from_proto
+from luvc_common.models.loading import ModelConfig
+from luvc_common.pipeline import VisionEncoder
+from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
+from luvc_common.serving import Call, Gate, ServerConfig, abort_on_error, get_logger, log, serve
+from luvc_common.wire import wire_dtype
+
+SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What the encoder serves and with which defaults."""
+
+    model: ModelConfig = ModelConfig()
+    """Checkpoint (only its vision tower and projector are loaded)."""
+    limits: Limits = Limits()
+    """Per-request media limits."""
+    default_method: str = "luvc"
+    """Compression method when a request names none."""
+    default_wire_dtype: str = "BF16"
+    """Wire dtype of the returned tokens when a request names none."""
+
+
+class EncoderService:
+    """Transport-independent encoder: call `load()` once, then `encode()` per request."""
+
+    def __init__(self, config: EncoderConfig, server: ServerConfig):
+        self.config = config
+        self.gate = Gate(server)
+        self.logger = get_logger("encoder")
+        self.encoder: VisionEncoder | None = None
+
+    def load(self) -> None:
+        self.encoder = VisionEncoder(self.config.model)
+
+    async def encode(self, request: luvc_pb2.EncodeRequest, call: Call) -> luvc_pb2.EncodeResponse:
+        self.gate.admit(call)
+        method = method_config(request.method or self.config.default_method)
+        dtype = wire_dtype(request.wire_dtype or self.config.default_wire_dtype)
+        media = media_from_proto(request.media, self.config.limits)
+        async with self.gate:
+            encoded = await asyncio.to_thread(self.encoder.encode, media, method.oim)
+        response = encoded_to_proto(encoded, self.encoder.unit, dtype, self.config.model.path)
+        log(self.logger, "encoded", request_id=call.request_id, method=method.method, media=len(media),
+            vit_patches=encoded.vit_patches, tokens=len(encoded.embeds), payload_bytes=len(response.tokens.data),
+            encode_ms=round(encoded.encode_ms, 2))
+        return response
+
+
+class EncoderServicer(luvc_pb2_grpc.EncoderServicer):
+    """grpc.aio shell around EncoderService."""
+
+    def __init__(self, service: EncoderService):
+        self.service = service
+
+    async def Encode(self, request, context):
+        call = Call.from_grpc(context)
+        try:
+            return await self.service.encode(request, call)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+            await abort_on_error(context, e, self.service.logger, call)
+
+
+def run(config: EncoderConfig, server: ServerConfig) -> None:
+    service = EncoderService(config, server)
+    add = lambda s: luvc_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(service), s)  # noqa: E731
+    asyncio.run(serve(server, [SERVICE_NAME], add, service.load, service.gate, service.logger))

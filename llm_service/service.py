@@ -1,0 +1,176 @@
+"""The LLM service: prompt plus media (or precomputed visual tokens) in, streamed text out."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from luvc_common.config import Limits, method_config
+from luvc_common.messages import encoded_from_proto, uncompressed_payload_bytes
+from luvc_common.models.loading import ModelConfig
+from luvc_common.pipeline import EncodedMedia, TextGenerator
+from luvc_common.prompt import PromptError
+from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
+from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, abort_on_error, get_logger, log, serve
+from luvc_common.wire import wire_dtype
+
+SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """What the LLM service serves, where its encoder is, and its defaults."""
+
+    encoder: str = "127.0.0.1:50052"
+    """host:port of the encoder service, called when a request carries media."""
+    model: ModelConfig = ModelConfig()
+    """Checkpoint (only its language model is loaded)."""
+    limits: Limits = Limits()
+    """Per-request limits."""
+    default_method: str = "luvc"
+    """Compression method when a request names none."""
+    default_wire_dtype: str = "BF16"
+    """Encoder -> LLM token dtype when a request names none."""
+    default_max_new_tokens: int = 64
+    """Tokens generated when a request names no max_new_tokens."""
+    encoder_tls_ca: str | None = None
+    """PEM CA bundle to verify a TLS encoder; None = plaintext channel."""
+    encoder_token: str | None = None
+    """Bearer token sent to the encoder."""
+
+
+class LLMService:
+    """Transport-independent LLM stage: call `load()` once, then iterate `generate()` per request."""
+
+    def __init__(self, config: LLMConfig, server: ServerConfig):
+        self.config = config
+        self.server = server
+        self.gate = Gate(server)
+        self.logger = get_logger("llm")
+        self.generator: TextGenerator | None = None
+        self._encoder_stub = None
+
+    def load(self) -> None:
+        self.generator = TextGenerator(self.config.model, self.config.limits)
+
+    def _encoder(self):
+        if self._encoder_stub is None:  # channels bind to the running event loop: create lazily
+            options = self.server.channel_options()
+            if self.config.encoder_tls_ca:
+                with open(self.config.encoder_tls_ca, "rb") as f:
+                    channel = grpc.aio.secure_channel(self.config.encoder, grpc.ssl_channel_credentials(f.read()), options)
+            else:
+                channel = grpc.aio.insecure_channel(self.config.encoder, options)
+            self._encoder_stub = luvc_pb2_grpc.EncoderStub(channel)
+        return self._encoder_stub
+
+    async def _encode(self, request: luvc_pb2.GenerateRequest, method: str, call: Call) -> tuple[luvc_pb2.EncodeResponse, float]:
+        metadata = [(REQUEST_ID, call.request_id)]
+        if self.config.encoder_token:
+            metadata.append(("authorization", f"Bearer {self.config.encoder_token}"))
+        encode_request = luvc_pb2.EncodeRequest(
+            media=request.media, method=method, wire_dtype=wire_dtype(request.wire_dtype or self.config.default_wire_dtype)
+        )
+        t0 = time.perf_counter()
+        try:
+            response = await self._encoder().Encode(encode_request, timeout=call.time_left(), metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ServiceError(code, f"encoder at {self.config.encoder}: {e.details()}") from None
+            raise ServiceError(code, f"encoder rejected the media: {e.details()}") from None
+        return response, (time.perf_counter() - t0) * 1e3
+
+    async def generate(self, request: luvc_pb2.GenerateRequest, call: Call):
+        """Yield GenerateResponse chunks of new text; the last one carries GenerateStats."""
+        self.gate.admit(call)
+        t_start = time.perf_counter()
+        method = method_config(request.method or self.config.default_method)
+        max_new = request.max_new_tokens or self.config.default_max_new_tokens
+        if not request.prompt.strip():
+            raise PromptError("empty prompt")
+        if not 0 < max_new <= self.config.limits.max_new_tokens:
+            raise PromptError(f"max_new_tokens={max_new} is outside [1, {self.config.limits.max_new_tokens}]")
+        gen, engine = self.generator, self.generator.engine
+        if request.HasField("visual") and request.media:
+            raise PromptError("give either media or visual tokens, not both")
+        if request.HasField("visual"):
+            visual, round_trip_ms = request.visual, 0.0
+        elif request.media:
+            visual, round_trip_ms = await self._encode(request, method.method, call)
+        else:
+            visual, round_trip_ms = None, 0.0
+        if visual is None:
+            encoded = EncodedMedia(engine.lm.embed_tokens.weight.new_zeros(0, engine.config.text_config.hidden_size), [], [], [], 0)
+        else:
+            encoded = encoded_from_proto(visual, engine.config.text_config.hidden_size, engine.unit, self.config.limits)
+        gen.prompt_ids(request.prompt, encoded)  # validate before queueing
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_step(new: list[list[int]]) -> bool:
+            loop.call_soon_threadsafe(queue.put_nowait, new[0])
+            return not call.cancelled() and (call.deadline is None or time.monotonic() < call.deadline)
+
+        def run():
+            try:
+                return gen.generate(request.prompt, encoded, method.spu, max_new, method.method, on_step=on_step)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        async with self.gate:
+            task = asyncio.ensure_future(asyncio.to_thread(run))
+            tokens: list[int] = []
+            text = ""
+            while (new := await queue.get()) is not _DONE:
+                if new:
+                    tokens += new
+                    full = gen.tokenizer.decode(tokens, skip_special_tokens=True)
+                    yield luvc_pb2.GenerateResponse(text=full[len(text):], token_ids=new)
+                    text = full
+            result = await task
+        payload = len(visual.tokens.data) if visual is not None else 0
+        timings = {
+            "encode": encoded.encode_ms,
+            "transfer": max(0.0, round_trip_ms - encoded.encode_ms),
+            "prefill": result.timings_ms["prefill"],
+            "decode": result.timings_ms["decode"],
+            "total": (time.perf_counter() - t_start) * 1e3,
+        }
+        v = result.visual_tokens
+        stats = luvc_pb2.GenerateStats(
+            request_id=call.request_id, model=result.model, method=method.method, prompt_ids=result.prompt_ids,
+            token_ids=result.token_ids, text=result.text, vit_patches=v["vit_patches"], encoder_out=v["encoder_out"],
+            llm_per_layer=v["llm_per_layer"], payload_bytes=payload,
+            payload_bytes_uncompressed=uncompressed_payload_bytes(visual, engine.unit) if visual is not None else 0,
+            timings_ms=timings,
+        )
+        log(self.logger, "generated", request_id=call.request_id, method=method.method, prompt_tokens=len(result.prompt_ids),
+            new_tokens=len(result.token_ids), llm_per_layer=v["llm_per_layer"], payload_bytes=payload,
+            **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
+        yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
+
+
+class LLMServicer(luvc_pb2_grpc.LLMServicer):
+    """grpc.aio shell around LLMService."""
+
+    def __init__(self, service: LLMService):
+        self.service = service
+
+    async def Generate(self, request, context):
+        call = Call.from_grpc(context)
+        try:
+            async for chunk in self.service.generate(request, call):
+                yield chunk
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+            await abort_on_error(context, e, self.service.logger, call)
+
+
+def run(config: LLMConfig, server: ServerConfig) -> None:
+    service = LLMService(config, server)
+    add = lambda s: luvc_pb2_grpc.add_LLMServicer_to_server(LLMServicer(service), s)  # noqa: E731
+    asyncio.run(serve(server, [SERVICE_NAME], add, service.load, service.gate, service.logger))

@@ -1,0 +1,105 @@
+"""Python client for applications: the LLM service (and the encoder) over gRPC."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+
+from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
+from luvc_common.serving import MiB, REQUEST_ID
+
+
+@dataclass
+class ClientOptions:
+    """How to reach a LUVC service."""
+
+    token: str | None = None
+    """Bearer token, when the server requires one."""
+    tls_ca: str | None = None
+    """PEM CA bundle; set to use TLS."""
+    application: str | None = None
+    """Ray Serve application name, sent as `application` metadata (needed behind Ray's gRPC proxy)."""
+    max_message_bytes: int = 64 * MiB
+    """Largest message sent or received."""
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+    """Extra metadata sent with every call."""
+
+
+class LUVCClient:
+    def __init__(self, target: str, options: ClientOptions | None = None):
+        self.options = options or ClientOptions()
+        opts = [("grpc.max_send_message_length", self.options.max_message_bytes), ("grpc.max_receive_message_length", self.options.max_message_bytes)]
+        if self.options.tls_ca:
+            with open(self.options.tls_ca, "rb") as f:
+                self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(f.read()), opts)
+        else:
+            self.channel = grpc.insecure_channel(target, opts)
+        self.llm = luvc_pb2_grpc.LLMStub(self.channel)
+        self.encoder = luvc_pb2_grpc.EncoderStub(self.channel)
+
+    def _metadata(self, request_id: str | None) -> list[tuple[str, str]]:
+        md = [(REQUEST_ID, request_id or uuid.uuid4().hex[:16]), *self.options.metadata]
+        if self.options.token:
+            md.append(("authorization", f"Bearer {self.options.token}"))
+        if self.options.application:
+            md.append(("application", self.options.application))
+        return md
+
+    def stream(
+        self,
+        prompt: str,
+        media: list[luvc_pb2.Media] = (),
+        *,
+        visual: luvc_pb2.EncodeResponse | None = None,
+        method: str = "",
+        max_new_tokens: int = 0,
+        wire_dtype: str = "",
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[luvc_pb2.GenerateResponse]:
+        """Stream GenerateResponse chunks; the last carries the stats. Raises grpc.RpcError."""
+        request = luvc_pb2.GenerateRequest(
+            prompt=prompt, media=list(media), visual=visual, method=method, max_new_tokens=max_new_tokens, wire_dtype=wire_dtype
+        )
+        return self.llm.Generate(request, timeout=timeout, metadata=self._metadata(request_id))
+
+    def generate(self, prompt: str, media: list[luvc_pb2.Media] = (), **kwargs) -> luvc_pb2.GenerateStats:
+        """The whole answer's stats (text, token ids, visual-token counts, payload, timings)."""
+        stats = None
+        for chunk in self.stream(prompt, media, **kwargs):
+            if chunk.HasField("stats"):
+                stats = chunk.stats
+        if stats is None:
+            raise RuntimeError("stream ended without stats")
+        return stats
+
+    def encode(self, media: list[luvc_pb2.Media], method: str = "", wire_dtype: str = "", timeout: float | None = None) -> luvc_pb2.EncodeResponse:
+        request = luvc_pb2.EncodeRequest(media=list(media), method=method, wire_dtype=wire_dtype)
+        return self.encoder.Encode(request, timeout=timeout, metadata=self._metadata(None))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def stats_to_json(stats: luvc_pb2.GenerateStats) -> dict:
+    """The `luvc generate --json` fields plus payload bytes."""
+    return {
+        "model": stats.model,
+        "method": stats.method,
+        "request_id": stats.request_id,
+        "prompt_ids": list(stats.prompt_ids),
+        "token_ids": list(stats.token_ids),
+        "text": stats.text,
+        "visual_tokens": {"vit_patches": stats.vit_patches, "encoder_out": stats.encoder_out, "llm_per_layer": list(stats.llm_per_layer)},
+        "payload_bytes": stats.payload_bytes,
+        "payload_bytes_uncompressed": stats.payload_bytes_uncompressed,
+        "timings_ms": dict(stats.timings_ms),
+    }

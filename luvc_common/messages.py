@@ -1,0 +1,79 @@
+"""Conversions between the engines' objects and the luvc.v1 messages, validated on the way in."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from luvc_common.config import Limits
+from luvc_common.media import FRAME_SUFFIXES, Media, MediaError, decode_image, video_from_frames
+from luvc_common.pipeline import EncodedMedia
+from luvc_common.proto import luvc_pb2
+from luvc_common.wire import WIRE_DTYPES, TensorSchema, WireError, from_wire, to_wire
+
+
+def media_from_proto(items, limits: Limits) -> list[Media]:
+    if len(items) > limits.max_media:
+        raise MediaError(f"{len(items)} media items exceeds max_media={limits.max_media}")
+    media = []
+    for i, item in enumerate(items):
+        kind = item.WhichOneof("kind")
+        if kind == "image":
+            media.append(Media("image", [decode_image(item.image, limits, f"media[{i}]")]))
+        elif kind == "video":
+            media.append(video_from_frames(list(item.video.frames), limits, f"media[{i}]"))
+        else:
+            raise MediaError(f"media[{i}]: neither image nor video set")
+    return media
+
+
+def image_file(path: str | Path) -> luvc_pb2.Media:
+    return luvc_pb2.Media(image=Path(path).read_bytes())
+
+
+def video_dir(path: str | Path) -> luvc_pb2.Media:
+    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    return luvc_pb2.Media(video=luvc_pb2.Video(frames=[f.read_bytes() for f in files]))
+
+
+def _grid(g) -> luvc_pb2.Grid:
+    return luvc_pb2.Grid(t=g[0], h=g[1], w=g[2])
+
+
+def encoded_to_proto(encoded: EncodedMedia, unit: int, wire_dtype: str, model: str) -> luvc_pb2.EncodeResponse:
+    return luvc_pb2.EncodeResponse(
+        tokens=to_wire(encoded.embeds, wire_dtype),
+        media=[
+            luvc_pb2.MediaTokens(kind=k, grid=_grid(g), source_grid=_grid(s), num_tokens=n)
+            for k, g, s, n in zip(encoded.kinds, encoded.grids, encoded.source_grids, encoded.token_counts(unit))
+        ],
+        vit_patches=encoded.vit_patches,
+        encode_ms=encoded.encode_ms,
+        model=model,
+    )
+
+
+def encoded_from_proto(msg: luvc_pb2.EncodeResponse, hidden_size: int, unit: int, limits: Limits) -> EncodedMedia:
+    """Validate visual tokens received from an encoder (or a client) against this model."""
+    if len(msg.media) > limits.max_media:
+        raise WireError(f"visual: {len(msg.media)} media items exceeds max_media={limits.max_media}")
+    kinds, grids, sources = [], [], []
+    for i, m in enumerate(msg.media):
+        grid, source = (m.grid.t, m.grid.h, m.grid.w), (m.source_grid.t, m.source_grid.h, m.source_grid.w)
+        if m.kind not in ("image", "video"):
+            raise WireError(f"visual.media[{i}].kind={m.kind!r}: expected image or video")
+        if min(grid) <= 0 or grid[1] % unit or grid[2] % unit:
+            raise WireError(f"visual.media[{i}].grid={list(grid)}: sides must be positive multiples of {unit}")
+        if m.num_tokens != grid[0] * grid[1] * grid[2] // unit**2:
+            raise WireError(f"visual.media[{i}].num_tokens={m.num_tokens} does not match grid {list(grid)}")
+        kinds.append(m.kind)
+        grids.append(grid)
+        sources.append(source)
+    n_tokens = sum(m.num_tokens for m in msg.media)
+    embeds = from_wire(msg.tokens, TensorSchema("visual.tokens", (n_tokens, hidden_size)))
+    return EncodedMedia(embeds, kinds, grids, sources, int(msg.vit_patches), float(msg.encode_ms))
+
+
+def uncompressed_payload_bytes(msg: luvc_pb2.EncodeResponse, unit: int) -> int:
+    """Bytes the same media's tokens would take without OIM, in the same wire dtype."""
+    n = sum(m.source_grid.t * m.source_grid.h * m.source_grid.w // unit**2 for m in msg.media)
+    hidden = msg.tokens.shape[1] if len(msg.tokens.shape) == 2 else 0
+    return n * hidden * WIRE_DTYPES[msg.tokens.dtype].itemsize if msg.tokens.dtype in WIRE_DTYPES else 0

@@ -1,0 +1,228 @@
+"""Train a tiny Qwen2-VL from scratch on SynthVQA, on CPU.
+
+Examples are generated on the fly: batch `step` holds make_example(seed, step * batch_size + j),
+so the data order is a pure function of the step and resuming needs no data-loader state.
+Checkpoints (model, optimizer, scheduler, step, RNG) are written atomically to OUT/ckpt.pt, the
+loss log to OUT/log.jsonl; `--export DIR` writes a standard HF model directory (bf16 safetensors).
+
+    python -m luvc_common.train --out runs/train --steps 3000 --minutes 55 --export models/luvc-tiny-qwen2vl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from luvc_common.media import Media, patchify
+from luvc_common.models.tiny import tiny_config
+from luvc_common.prompt import build_prompt_ids
+from luvc_common.synthvqa import TASKS, make_example, render
+from luvc_common.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
+
+VAL_SEED = 2000
+HELD_OUT_SEEDS = (2000, 3000)  # validation and test splits: never trained on
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--out", default="runs/train", help="run directory: checkpoint and loss log")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr-frac", type=float, default=0.05, help="final LR as a fraction of --lr (cosine decay)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=1000, help="SynthVQA training seed (and torch init seed)")
+    p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--vision-dim", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
+    p.add_argument("--export", default=None, help="write the final HF model directory here")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run; stop, save and export when exceeded")
+    p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
+    p.add_argument("--eval-every", type=int, default=250, help="validation period in steps (0: never)")
+    p.add_argument("--eval-n", type=int, default=120, help="validation examples (seed 2000)")
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `train` subcommand; it calls train(args)."""
+    p = add_arguments(subparsers.add_parser("train", help="train a tiny Qwen2-VL from scratch on SynthVQA"))
+    p.set_defaults(func=train)
+    return p
+
+
+def image_processor(max_pixels: int) -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=max_pixels)
+
+
+def build_model(args: argparse.Namespace, tokenizer) -> Qwen2VLForConditionalGeneration:
+    config = tiny_config("qwen2_vl", tokenizer, text_layers=args.text_layers, vision_depth=args.vision_depth,
+                         hidden=args.hidden, vision_dim=args.vision_dim, init_range=0.02)
+    torch.manual_seed(args.seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def encode_example(seed: int, index: int, tokenizer, processor) -> dict:
+    """Prompt + answer ids (labels only on the answer and its <|im_end|>), patches and grid of one example."""
+    ex = make_example(seed, index)
+    pixels, grid = patchify([Media("image", [render(ex.scene)])], processor)
+    n_tokens = int(grid.prod()) // processor.merge_size**2
+    prompt = build_prompt_ids(tokenizer, ex.question, ["image"], [n_tokens], 1 << 20)
+    answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(IM_END)]
+    return dict(ids=prompt + answer, labels=[-100] * len(prompt) + answer, pixels=pixels, grid=grid, task=ex.task)
+
+
+def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Tensor]:
+    """Right-padded batch for a training forward; patches concatenated in batch order."""
+    width = max(len(it["ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id)
+    labels = torch.full((len(items), width), -100)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(it["ids"]), torch.tensor(it["labels"]), 1
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, mm_token_type_ids=(ids == image_token_id).int(),
+                pixel_values=torch.cat([it["pixels"] for it in items]), image_grid_thw=torch.cat([it["grid"] for it in items]))
+
+
+def make_batch(seed: int, indices: range, tokenizer, processor) -> tuple[dict[str, Tensor], list[str]]:
+    items = [encode_example(seed, i, tokenizer, processor) for i in indices]
+    ids = tokenizer.convert_tokens_to_ids
+    return collate(items, ids(PAD), ids(IMAGE_PAD)), [it["task"] for it in items]
+
+
+@torch.no_grad()
+def exact_match(model, batch: dict[str, Tensor]) -> Tensor:
+    """Per example: does greedy decoding reproduce the whole answer? (teacher-forced argmax == labels)"""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    return ((logits.argmax(-1) == target) | (target == -100)).all(1)
+
+
+def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]]) -> dict[str, float]:
+    model.eval()
+    hits: dict[str, list[bool]] = {t: [] for t in TASKS}
+    for batch, tasks in batches:
+        for task, ok in zip(tasks, exact_match(model, batch).tolist()):
+            hits[task].append(ok)
+    model.train()
+    acc = {t: sum(h) / len(h) for t, h in hits.items() if h}
+    return {"all": sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values()), **acc}
+
+
+def lr_lambda(args: argparse.Namespace):
+    def f(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int) -> None:
+    """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step,
+                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["step"]
+
+
+def export_model(model, tokenizer, max_pixels: int, out: str | Path) -> Path:
+    """A standard HF directory: config, bf16 safetensors, tokenizer, preprocessor and generation configs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = tokenizer.convert_tokens_to_ids
+    model.generation_config = GenerationConfig(bos_token_id=ids(PAD), eos_token_id=ids(IM_END), pad_token_id=ids(PAD), do_sample=False)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=bf16)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2) + "\n")
+    tokenizer.save_pretrained(out)
+    image_processor(max_pixels).save_pretrained(out)
+    return out
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
+    assert args.seed not in HELD_OUT_SEEDS, f"seed {args.seed} is a held-out split"
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, processor = build_tokenizer(), image_processor(args.max_pixels)
+    model = build_model(args, tokenizer)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    ckpt = out / "ckpt.pt"
+    step = load_checkpoint(ckpt, model, optimizer, scheduler) if args.resume and ckpt.exists() else 0
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f}M parameters; starting at step {step}/{args.steps}", flush=True)
+    val = [make_batch(VAL_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
+           for i in range(0, args.eval_n if args.eval_every else 0, 24)]
+    model.train()
+    t0 = last_ckpt = time.time()
+    record: dict = {}
+    with open(out / "log.jsonl", "a") as log, tqdm(total=args.steps, initial=step, dynamic_ncols=True) as bar:
+        while step < args.steps:
+            t_data = time.time()
+            batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor)
+            t_model = time.time()
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            now = time.time()
+            record = dict(step=step, loss=round(loss.item(), 4), lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm.item(), 3),
+                          data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(now - t0, 1))
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                record["val"] = {k: round(v, 3) for k, v in evaluate(model, val).items()}
+                tqdm.write(f"step {step} val {record['val']}")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
+            bar.update()
+            out_of_time = args.minutes is not None and now - t0 > 60 * args.minutes
+            if now - last_ckpt > 60 * args.ckpt_minutes or step == args.steps or out_of_time:
+                save_checkpoint(ckpt, model, optimizer, scheduler, step)
+                last_ckpt = time.time()
+            if out_of_time:
+                tqdm.write(f"time budget of {args.minutes} min reached at step {step}")
+                break
+    if args.export:
+        print(f"exported to {export_model(model, tokenizer, args.max_pixels, args.export)}", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    train(add_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args())

@@ -1,0 +1,72 @@
+"""Training: the loss falls, resuming is exact, and the export loads with stock and split loaders."""
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Qwen2VLForConditionalGeneration
+
+from luvc_common.models.loading import ModelConfig, load_model
+from luvc_common.train import add_arguments, build_model, image_processor, make_batch, train
+from luvc_common.tokenizer import build_tokenizer
+
+TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--hidden", "128", "--max-pixels", str(112 * 112),
+        "--batch-size", "2", "--warmup", "2", "--lr", "3e-3", "--eval-every", "0"]
+
+
+def args_for(*extra: str) -> argparse.Namespace:
+    return add_arguments(argparse.ArgumentParser()).parse_args([*TINY, *extra])
+
+
+def test_loss_falls_on_a_fixed_batch():
+    args, tokenizer = args_for(), build_tokenizer()
+    model = build_model(args, tokenizer)
+    batch, _ = make_batch(args.seed, range(4), tokenizer, image_processor(args.max_pixels))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resume_continues_exactly(tmp_path):
+    train(args_for("--out", str(tmp_path / "a"), "--steps", "4"))
+    train(args_for("--out", str(tmp_path / "b"), "--steps", "4", "--minutes", "0"))  # stops after one step
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 1
+    train(args_for("--out", str(tmp_path / "b"), "--steps", "4", "--resume"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    assert a["step"] == b["step"] == 4 and a["scheduler"] == b["scheduler"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, s in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s[name], b["optimizer"]["state"][k][name]), (k, name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_export_loads(tmp_path):
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 112 * 112
+    full = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    vision = load_model(ModelConfig(str(out)), "vision")
+    language = load_model(ModelConfig(str(out)), "language")
+    assert vision.model.language_model is None and language.model.visual is None
+    for name, p in vision.named_parameters():
+        assert torch.equal(p, full.get_parameter(name).float()), name
+
+
+@pytest.mark.parametrize("seed", [2000, 3000])
+def test_refuses_held_out_seeds(seed, tmp_path):
+    with pytest.raises(AssertionError):
+        train(args_for("--out", str(tmp_path), "--seed", str(seed)))
