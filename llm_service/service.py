@@ -58,7 +58,8 @@ class LLMService:
 
     def _encoder(self):
         if self._encoder_stub is None:  # channels bind to the running event loop: create lazily
-            options = self.server.channel_options()
+            # reconnect quickly after an encoder restart instead of gRPC's default backoff of up to 2 min
+            options = [*self.server.channel_options(), ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
             if self.config.encoder_tls_ca:
                 with open(self.config.encoder_tls_ca, "rb") as f:
                     channel = grpc.aio.secure_channel(self.config.encoder, grpc.ssl_channel_credentials(f.read()), options)

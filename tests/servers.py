@@ -1,0 +1,71 @@
+"""Start the real services as separate processes on loopback ports, for tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(target: str, service: str = "", timeout: float = 2.0) -> str:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class Service:
+    """One `luvc serve ...` process, logging to a file."""
+
+    def __init__(self, args: list[str], log: Path, port: int | None = None, env: dict | None = None):
+        self.port = port or free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.args, self.log_path, self.env = args, log, env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "Service":
+        self.log_file = open(self.log_path, "ab")
+        env = {**os.environ, "LUVC_LOG_LEVEL": "INFO", **self.env}
+        cmd = [sys.executable, "-m", "luvc_common.cli", "serve", *self.args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_status("SERVING")
+        return self
+
+    def wait_status(self, status: str, timeout: float = 90.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            if health(self.target) == status:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.target} not {status} after {timeout}s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode

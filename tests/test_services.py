@@ -1,0 +1,220 @@
+"""The two services as real processes on loopback: answers, payload, health, limits, failures."""
+import io
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+import conftest
+from luvc_common.client import ClientOptions, LUVCClient
+from luvc_common.config import method_config
+from luvc_common.messages import image_file, video_dir
+from luvc_common.models.loading import ModelConfig
+from luvc_common.pipeline import Pipeline
+from luvc_common.proto import luvc_pb2
+from luvc_common.wire import to_wire
+from servers import Service, free_port, health
+
+PROMPT = "What color is the circle?"
+DEMO = conftest.ASSETS / "demo.png"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_qwen2vl, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    encoder = Service(["encoder", "--model", tiny_qwen2vl], logs / "encoder.log").start()
+    llm = Service(["llm", "--model", tiny_qwen2vl, "--encoder", encoder.target, "--max-queue", "4"], logs / "llm.log").start()
+    yield encoder, llm
+    llm.stop()
+    encoder.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with LUVCClient(stack[1].target) as c:
+        yield c
+
+
+def _code(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture(scope="module")
+def encoder_client(stack):
+    with LUVCClient(stack[0].target) as c:
+        yield c
+
+
+@pytest.mark.parametrize("method", ["none", "luvc"])
+def test_answer_equals_in_process_generate(stack, client, tiny_qwen2vl, demo_image, demo_video, method):
+    local = Pipeline(ModelConfig(tiny_qwen2vl)).generate([demo_image, demo_video], PROMPT, method_config(method), 8)
+    remote = client.generate(PROMPT, [image_file(DEMO), video_dir(conftest.ASSETS / "demo_video")], method=method,
+                             max_new_tokens=8, wire_dtype="FP32", timeout=60)
+    assert list(remote.token_ids) == local.token_ids and list(remote.prompt_ids) == local.prompt_ids
+    assert list(remote.llm_per_layer) == local.visual_tokens["llm_per_layer"]
+    assert remote.text == local.text and remote.encoder_out == local.visual_tokens["encoder_out"]
+    assert set(remote.timings_ms) == {"encode", "transfer", "prefill", "decode", "total"}
+
+
+def test_streamed_chunks_add_up_to_the_answer(client):
+    chunks = list(client.stream(PROMPT, [image_file(DEMO)], max_new_tokens=8, timeout=60))
+    stats = chunks[-1].stats
+    assert [t for c in chunks for t in c.token_ids] == list(stats.token_ids)
+    assert "".join(c.text for c in chunks) == stats.text
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("BF16", 2), ("FP16", 2), ("FP32", 4)])
+def test_luvc_payload_is_at_most_half(client, dtype, itemsize):
+    none = client.generate(PROMPT, [image_file(DEMO)], method="none", max_new_tokens=2, wire_dtype=dtype, timeout=60)
+    luvc = client.generate(PROMPT, [image_file(DEMO)], method="luvc", max_new_tokens=2, wire_dtype=dtype, timeout=60)
+    hidden = 256
+    assert none.payload_bytes == none.encoder_out * hidden * itemsize == none.payload_bytes_uncompressed
+    assert luvc.payload_bytes == luvc.encoder_out * hidden * itemsize
+    assert luvc.payload_bytes_uncompressed == none.payload_bytes
+    assert 2 * luvc.payload_bytes <= none.payload_bytes
+
+
+def test_precomputed_visual_tokens_give_the_same_answer(client, encoder_client):
+    visual = encoder_client.encode([image_file(DEMO)], method="luvc", wire_dtype="FP32")
+    direct = client.generate(PROMPT, [image_file(DEMO)], method="luvc", max_new_tokens=6, wire_dtype="FP32")
+    reused = client.generate(PROMPT, visual=visual, method="luvc", max_new_tokens=6)
+    assert list(reused.token_ids) == list(direct.token_ids) and reused.payload_bytes == len(visual.tokens.data)
+
+
+def test_health_and_reflection(stack):
+    encoder, llm = stack
+    assert health(llm.target) == health(encoder.target) == "SERVING"
+    assert health(llm.target, "luvc.v1.LLM") == health(encoder.target, "luvc.v1.Encoder") == "SERVING"
+    with grpc.insecure_channel(llm.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"luvc.v1.LLM", "grpc.health.v1.Health"} <= names
+
+
+def test_request_id_crosses_the_hop(stack, client):
+    client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, request_id="trace-me-42")
+    encoder, llm = stack
+    assert '"request_id": "trace-me-42"' in encoder.log() and '"request_id": "trace-me-42"' in llm.log()
+
+
+def _png(w, h) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), "white").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _visual(encoder_target, **change):
+    with LUVCClient(encoder_target) as c:
+        visual = c.encode([image_file(DEMO)], method="luvc", wire_dtype="FP32")
+    for key, value in change.items():
+        if key == "tokens":
+            visual.tokens.CopyFrom(value)
+        else:
+            setattr(visual.tokens, key, value)
+    return visual
+
+
+BAD_REQUESTS = {
+    "corrupt image": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=b"\x89PNG\r\n garbage")]), "unreadable image"),
+    "too many pixels": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_png(4200, 4100))]), "max_image_pixels"),
+    "too many frames": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(video=luvc_pb2.Video(frames=[_png(28, 28)] * 65))]), "max_frames"),
+    "too many media": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)] * 9), "max_media"),
+    "wrong dtype": (lambda c, e: c.generate(PROMPT, visual=_visual(e, dtype="INT8")), "dtype"),
+    "wrong shape": (lambda c, e: c.generate(PROMPT, visual=_visual(e, tokens=to_wire(torch.zeros(143, 100), "FP32"))), "shape"),
+    "wrong byte count": (lambda c, e: c.generate(PROMPT, visual=_visual(e, data=b"\0" * 100)), "bytes"),
+    "NaN values": (lambda c, e: c.generate(PROMPT, visual=_visual(e, tokens=to_wire(torch.full((143, 256), float("nan")), "FP32"))), "NaN"),
+    "unknown method": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="magic"), "method"),
+    "empty prompt": (lambda c, e: c.generate("  ", [image_file(DEMO)]), "empty prompt"),
+    "placeholder mismatch": (lambda c, e: c.generate("<image><image> what?", [image_file(DEMO)]), "places media"),
+    "too many new tokens": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], max_new_tokens=100000), "max_new_tokens"),
+    "bad wire dtype": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], wire_dtype="FP8"), "wire dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_invalid_argument_and_service_keeps_serving(stack, client, case):
+    call, words = BAD_REQUESTS[case]
+    code, details = _code(lambda: call(client, stack[0].target))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+    assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=60).encoder_out > 0
+
+
+def test_oversized_message_is_resource_exhausted(stack, client):
+    huge = luvc_pb2.Media(image=b"\0" * (65 << 20))
+    with LUVCClient(stack[1].target, ClientOptions(max_message_bytes=128 << 20)) as big:
+        code, details = _code(lambda: big.generate(PROMPT, [huge], timeout=60))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=60).encoder_out > 0
+
+
+def test_sixteen_concurrent_clients_are_all_answered(stack, client):
+    def one(i):
+        try:
+            stats = client.generate(PROMPT, [image_file(DEMO)], method=("luvc", "none")[i % 2], max_new_tokens=4, timeout=120)
+            return "OK" if stats.encoder_out > 0 else "EMPTY"
+        except grpc.RpcError as e:
+            return e.code().name
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(one, range(16)))
+    assert len(outcomes) == 16 and set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert "OK" in outcomes
+    assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=60).encoder_out > 0
+
+
+def test_encoder_down_gives_unavailable_then_recovers(stack, client):
+    encoder, llm = stack
+    encoder.stop(signal.SIGKILL)
+    t0 = time.monotonic()
+    code, details = _code(lambda: client.generate(PROMPT, [image_file(DEMO)], timeout=10))
+    assert code == grpc.StatusCode.UNAVAILABLE and "encoder" in details and time.monotonic() - t0 < 10
+    # text-only requests do not need the encoder and keep working
+    assert client.generate("say something", [], max_new_tokens=2, timeout=30).encoder_out == 0
+    encoder.start()
+    end = time.monotonic() + 30
+    while True:  # the LLM's channel reconnects on its own; no LLM restart
+        try:
+            assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=30).encoder_out > 0
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < end
+
+
+def test_not_ready_before_weights_load(tiny_qwen2vl, tmp_path):
+    slow = Service(["encoder", "--model", tiny_qwen2vl], tmp_path / "slow.log", env={"LUVC_DEBUG_LOAD_DELAY_S": "6"})
+    slow.start(wait=False)
+    try:
+        slow.wait_status("NOT_SERVING", timeout=60)
+        with LUVCClient(slow.target) as c:
+            code, details = _code(lambda: c.encode([image_file(DEMO)], timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
+        slow.wait_status("SERVING", timeout=60)
+    finally:
+        assert slow.stop() == 0
+
+
+def test_sigterm_drains_in_flight_requests(tiny_qwen2vl, tmp_path):
+    encoder = Service(["encoder", "--model", tiny_qwen2vl], tmp_path / "e.log").start()
+    llm = Service(["llm", "--model", tiny_qwen2vl, "--encoder", encoder.target], tmp_path / "l.log").start()
+    try:
+        with LUVCClient(llm.target) as c, ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(c.generate, PROMPT, [image_file(DEMO)], max_new_tokens=16, timeout=60) for _ in range(4)]
+            time.sleep(0.3)
+            assert not all(f.done() for f in futures), "requests finished before SIGTERM; nothing was in flight"
+            llm.proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]  # every accepted request completes
+        assert all(r.encoder_out > 0 for r in results)
+        assert llm.proc.wait(30) == 0
+        assert health(llm.target) == "UNAVAILABLE"
+    finally:
+        llm.stop()
+        encoder.stop()
