@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/luvc generate --image assets/demo.png --prompt "What color is the circle?" --method luvc
+	$(VENV)/bin/luvc demo
 
 test: setup
 	$(PY) -m pytest -q

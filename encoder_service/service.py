@@ -4,7 +4,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from PIL import Image
+
 from luvc_common.config import Limits, method_config
+from luvc_common.media import Media
 from luvc_common.messages import encoded_to_proto, media_from_proto
 from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import VisionEncoder
@@ -40,6 +43,8 @@ class EncoderService:
 
     def load(self) -> None:
         self.encoder = VisionEncoder(self.config.model)
+        blank = Media("image", [Image.new("RGB", (224, 224), "white")])
+        self.encoder.encode([blank], method_config(self.config.default_method).oim)  # warm up before SERVING
 
     async def encode(self, request: luvc_pb2.EncodeRequest, call: Call) -> luvc_pb2.EncodeResponse:
         self.gate.admit(call)

@@ -55,6 +55,8 @@ class LLMService:
 
     def load(self) -> None:
         self.generator = TextGenerator(self.config.model, self.config.limits)
+        nothing = EncodedMedia.empty(self.generator.engine.config.text_config.hidden_size)
+        self.generator.generate("warm up", nothing, None, 2, "none")  # first-call costs before SERVING
 
     def _encoder(self):
         if self._encoder_stub is None:  # channels bind to the running event loop: create lazily
@@ -105,7 +107,7 @@ class LLMService:
         else:
             visual, round_trip_ms = None, 0.0
         if visual is None:
-            encoded = EncodedMedia(engine.lm.embed_tokens.weight.new_zeros(0, engine.config.text_config.hidden_size), [], [], [], 0)
+            encoded = EncodedMedia.empty(engine.config.text_config.hidden_size)
         else:
             encoded = encoded_from_proto(visual, engine.config.text_config.hidden_size, engine.unit, self.config.limits)
         gen.prompt_ids(request.prompt, encoded)  # validate before queueing

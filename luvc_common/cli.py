@@ -96,9 +96,36 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(
             f"[{out['method']}] visual tokens: ViT patches {v['vit_patches']} -> encoder out {v['encoder_out']} -> LLM per layer "
             f"{v['llm_per_layer']}; payload {out['payload_bytes']} B (uncompressed {out['payload_bytes_uncompressed']} B); "
-            + ", ".join(f"{k} {ms:.1f} ms" for k, ms in t.items()),
+            + ", ".join(f"{k} {t[k]:.1f} ms" for k in ("encode", "transfer", "prefill", "decode", "total") if k in t),
             file=sys.stderr,
         )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Both services as real processes on free loopback ports, one question through the client."""
+    import tempfile
+    from pathlib import Path
+
+    from luvc_common.launch import Service
+
+    logs = Path(tempfile.mkdtemp(prefix="luvc-demo-"))
+    encoder = Service(["encoder", "--model", args.model], logs / "encoder.log")
+    llm = Service(["llm", "--model", args.model, "--encoder", encoder.target], logs / "llm.log")
+    try:
+        print(f"starting encoder on {encoder.target} and LLM service on {llm.target} (logs in {logs}) ...", file=sys.stderr)
+        encoder.start(wait=False)
+        llm.start()
+        encoder.wait_status("SERVING")
+        for method in ("none", "luvc"):
+            print(f"\n$ luvc client --target {llm.target} --image {args.image} --prompt {args.prompt!r} --method {method}", file=sys.stderr)
+            argv = ["client", "--target", llm.target, "--image", args.image, "--prompt", args.prompt, "--method", method]
+            if (code := main(argv)) != 0:
+                return code
+    finally:
+        for service in (llm, encoder):
+            service.stop()
+    print("\nservices stopped", file=sys.stderr)
     return 0
 
 
@@ -155,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-ca")
     c.add_argument("--application", help="Ray Serve application name (behind Ray's gRPC proxy)")
     c.set_defaults(func=cmd_client)
+
+    d = sub.add_parser("demo", help="start both services, ask about the bundled image, stop them")
+    d.add_argument("--model", default=str(DEFAULT_MODEL))
+    d.add_argument("--image", default=str(DEFAULT_MODEL.parents[1] / "assets" / "demo.png"))
+    d.add_argument("--prompt", default="What color is the circle?")
+    d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a SynthVQA JSONL set")

@@ -33,6 +33,11 @@ class EncodedMedia:
     vit_patches: int
     encode_ms: float = 0.0
 
+    @classmethod
+    def empty(cls, hidden_size: int) -> "EncodedMedia":
+        """No media: a text-only request."""
+        return cls(torch.zeros(0, hidden_size), [], [], [], 0)
+
     def token_counts(self, unit: int) -> list[int]:
         return [t * h * w // unit**2 for t, h, w in self.grids]
 
@@ -61,7 +66,7 @@ class VisionEncoder:
     def encode(self, media: list[Media], oim: OIMConfig | None) -> EncodedMedia:
         t0 = time.perf_counter()
         if not media:
-            return EncodedMedia(self.visual.merger.mlp[-1].weight.new_zeros(0, self.visual.merger.mlp[-1].out_features), [], [], [], 0)
+            return EncodedMedia.empty(self.visual.merger.mlp[-1].out_features)
         pixels, grid_thw = patchify(media, self.image_processor)
         embeds, merged = encode(self.visual, pixels, grid_thw, oim)
         as_tuples = lambda g: [tuple(int(v) for v in row) for row in g.tolist()]  # noqa: E731

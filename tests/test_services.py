@@ -19,7 +19,7 @@ from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import Pipeline
 from luvc_common.proto import luvc_pb2
 from luvc_common.wire import to_wire
-from servers import Service, free_port, health
+from luvc_common.launch import Service, health
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"

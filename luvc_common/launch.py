@@ -1,4 +1,4 @@
-"""Start the real services as separate processes on loopback ports, for tests."""
+"""Start `luvc serve ...` processes on loopback ports and wait for their health: for `luvc demo` and tests."""
 from __future__ import annotations
 
 import os
