@@ -11,7 +11,7 @@ from luvc_common.config import Limits, method_config
 from luvc_common.messages import encoded_from_proto, uncompressed_payload_bytes
 from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import EncodedMedia, TextGenerator
-from luvc_common.prompt import PromptError
+from luvc_common.errors import PromptError
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
 from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, abort_on_error, get_logger, log, serve
 from luvc_common.wire import wire_dtype

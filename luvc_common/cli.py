@@ -6,12 +6,8 @@ import json
 import os
 import sys
 
-from luvc_common.config import METHOD_NAMES, ConfigError, Limits, method_config
-from luvc_common.media import MediaError, load_image, load_video_dir
-from luvc_common.models.loading import DEFAULT_MODEL, ModelConfig, ModelLoadError
-from luvc_common.prompt import PromptError
-
-USER_ERRORS = (ConfigError, MediaError, PromptError, ModelLoadError)
+from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, Limits, method_config
+from luvc_common.errors import UserError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +17,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from luvc_common.media import load_image, load_video_dir
+    from luvc_common.models.loading import ModelConfig
     from luvc_common.pipeline import Pipeline
 
     limits = Limits()
@@ -52,6 +50,7 @@ def _server_config(args: argparse.Namespace):
 
 def cmd_serve_encoder(args: argparse.Namespace) -> int:
     from encoder_service.service import EncoderConfig, run
+    from luvc_common.models.loading import ModelConfig
 
     run(EncoderConfig(ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype), _server_config(args))
     return 0
@@ -59,6 +58,7 @@ def cmd_serve_encoder(args: argparse.Namespace) -> int:
 
 def cmd_serve_llm(args: argparse.Namespace) -> int:
     from llm_service.service import LLMConfig, run
+    from luvc_common.models.loading import ModelConfig
 
     config = LLMConfig(
         encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype,
@@ -71,8 +71,7 @@ def cmd_serve_llm(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     import grpc
 
-    from luvc_common.client import ClientOptions, LUVCClient, stats_to_json
-    from luvc_common.messages import image_file, video_dir
+    from luvc_common.client import ClientOptions, LUVCClient, image_file, stats_to_json, video_dir
 
     media = [image_file(p) for p in args.image] + ([video_dir(args.video)] if args.video else [])
     options = ClientOptions(token=args.token, tls_ca=args.tls_ca, application=args.application)
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

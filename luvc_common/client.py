@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import grpc
 
+from luvc_common.config import FRAME_SUFFIXES
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import MiB, REQUEST_ID
+
+MiB = 1 << 20
+REQUEST_ID = "x-request-id"
 
 
 @dataclass
@@ -87,6 +91,17 @@ class LUVCClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def image_file(path: str | Path) -> luvc_pb2.Media:
+    """An image file as a request item (sent encoded; the encoder decodes it)."""
+    return luvc_pb2.Media(image=Path(path).read_bytes())
+
+
+def video_dir(path: str | Path) -> luvc_pb2.Media:
+    """A directory of frame images, in name order, as a video item."""
+    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    return luvc_pb2.Media(video=luvc_pb2.Video(frames=[f.read_bytes() for f in files]))
 
 
 def stats_to_json(stats: luvc_pb2.GenerateStats) -> dict:

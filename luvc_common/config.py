@@ -7,11 +7,15 @@ layer indices are reported with every result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field and the allowed range."""
+from luvc_common.errors import ConfigError
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "luvc-tiny-qwen2vl"
+FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+"""Files read as video frames from a directory."""
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

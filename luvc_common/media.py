@@ -13,13 +13,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from luvc_common.config import Limits
+from luvc_common.config import FRAME_SUFFIXES, Limits
+from luvc_common.errors import MediaError
 
-FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
-
-class MediaError(ValueError):
-    """An image or video is unreadable, empty, or over a limit."""
 
 
 @dataclass

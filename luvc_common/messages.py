@@ -1,13 +1,12 @@
 """Conversions between the engines' objects and the luvc.v1 messages, validated on the way in."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from luvc_common.config import Limits
-from luvc_common.media import FRAME_SUFFIXES, Media, MediaError, decode_image, video_from_frames
+from luvc_common.media import Media, decode_image, video_from_frames
 from luvc_common.pipeline import EncodedMedia
 from luvc_common.proto import luvc_pb2
-from luvc_common.wire import WIRE_DTYPES, TensorSchema, WireError, from_wire, to_wire
+from luvc_common.errors import MediaError, WireError
+from luvc_common.wire import WIRE_DTYPES, TensorSchema, from_wire, to_wire
 
 
 def media_from_proto(items, limits: Limits) -> list[Media]:
@@ -23,15 +22,6 @@ def media_from_proto(items, limits: Limits) -> list[Media]:
         else:
             raise MediaError(f"media[{i}]: neither image nor video set")
     return media
-
-
-def image_file(path: str | Path) -> luvc_pb2.Media:
-    return luvc_pb2.Media(image=Path(path).read_bytes())
-
-
-def video_dir(path: str | Path) -> luvc_pb2.Media:
-    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-    return luvc_pb2.Media(video=luvc_pb2.Video(frames=[f.read_bytes() for f in files]))
 
 
 def _grid(g) -> luvc_pb2.Grid:

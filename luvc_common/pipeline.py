@@ -16,7 +16,8 @@ from luvc_common.media import Media, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
 from luvc_common.models.qwen_language import LanguageEngine, Request
 from luvc_common.models.qwen_vision import encode
-from luvc_common.prompt import PromptError, build_prompt_ids
+from luvc_common.errors import PromptError
+from luvc_common.prompt import build_prompt_ids
 
 
 @dataclass

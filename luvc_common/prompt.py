@@ -1,15 +1,12 @@
 """Qwen-VL chat prompts with one placeholder run per media item, sized from the (merged) grid."""
 from __future__ import annotations
 
+from luvc_common.errors import PromptError
 from luvc_common.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 MARKS = {"image": "<image>", "video": "<video>"}
 PADS = {"image": IMAGE_PAD, "video": VIDEO_PAD}
 RESERVED = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-
-
-class PromptError(ValueError):
-    """The prompt is empty, too long, or its media placeholders do not match the media."""
 
 
 def _marks_in_order(text: str) -> list[str]:

@@ -22,13 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from luvc_common.config import ConfigError
-from luvc_common.media import MediaError
-from luvc_common.prompt import PromptError
-from luvc_common.wire import WireError
-
-MiB = 1 << 20
-REQUEST_ID = "x-request-id"
+from luvc_common.client import MiB, REQUEST_ID
+from luvc_common.errors import ConfigError, UserError
 
 
 @dataclass(frozen=True)
@@ -70,9 +65,6 @@ class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
-
-
-USER_ERRORS = (ConfigError, MediaError, PromptError, WireError)
 
 
 @dataclass
@@ -155,7 +147,7 @@ async def abort_on_error(context: grpc.aio.ServicerContext, error: Exception, lo
     """Turn an exception into the RPC's status; unexpected ones become INTERNAL and are logged."""
     if isinstance(error, ServiceError):
         code, message = error.code, str(error)
-    elif isinstance(error, USER_ERRORS):
+    elif isinstance(error, UserError):
         code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
     else:
         logger.exception("unexpected error", extra={"fields": {"request_id": call.request_id}})

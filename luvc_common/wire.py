@@ -12,15 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from luvc_common.errors import WireError
 from luvc_common.proto import luvc_pb2
 
 WIRE_DTYPES = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}
 # bf16 has no numpy dtype: it travels as its 16-bit pattern through int16
 _NUMPY = {"BF16": ("<i2", torch.int16), "FP16": ("<f2", torch.float16), "FP32": ("<f4", torch.float32)}
-
-
-class WireError(ValueError):
-    """A received tensor does not match its schema; the message says how."""
 
 
 @dataclass(frozen=True)

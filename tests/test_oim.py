@@ -9,7 +9,8 @@ from luvc_common.compression.oim import (
     merged_length,
     raster_to_block_major,
 )
-from luvc_common.config import ConfigError, OIMConfig
+from luvc_common.config import OIMConfig
+from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_vision import encode
 from transformers.vision_utils import get_vision_position_ids

@@ -12,9 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 import conftest
-from luvc_common.client import ClientOptions, LUVCClient
+from luvc_common.client import ClientOptions, LUVCClient, image_file, video_dir
 from luvc_common.config import method_config
-from luvc_common.messages import image_file, video_dir
 from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import Pipeline
 from luvc_common.proto import luvc_pb2

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from luvc_common.compression.spu import highfreq_residual, lowpass, select, stage_layers
-from luvc_common.config import ConfigError, SPUConfig, method_config
+from luvc_common.config import SPUConfig, method_config
+from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import Pipeline
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from luvc_common.config import ConfigError
+from luvc_common.errors import ConfigError
 
 Grid = tuple[int, int, int]
 

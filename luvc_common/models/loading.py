@@ -24,14 +24,12 @@ from transformers import (
 )
 from transformers.utils import is_flash_attn_2_available
 
+from luvc_common.config import DEFAULT_MODEL
+from luvc_common.errors import ModelLoadError
+
 MODEL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 PARTS = ("full", "vision", "language")
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "luvc-tiny-qwen2vl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint directory is missing, of an unsupported family, or lacks tensors."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from luvc_common.compression import spu
 from luvc_common.config import SPUConfig
-from luvc_common.prompt import PromptError
+from luvc_common.errors import PromptError
 
 
 @dataclass
