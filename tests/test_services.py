@@ -1,7 +1,7 @@
 """The two services as real processes on loopback: answers, payload, health, limits, failures."""
 import io
 import signal
-import threading
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -216,4 +216,36 @@ def test_sigterm_drains_in_flight_requests(tiny_qwen2vl, tmp_path):
         assert health(llm.target) == "UNAVAILABLE"
     finally:
         llm.stop()
+        encoder.stop()
+
+
+def test_token_auth_and_tls(tiny_qwen2vl, tmp_path):
+    """Both options together: TLS with a self-signed certificate, and a required bearer token."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    encoder = Service(["encoder", "--model", tiny_qwen2vl, "--auth-token", "s3cret", "--tls-cert", str(cert), "--tls-key", str(key)],
+                      tmp_path / "enc.log")
+    encoder.start(wait=False)
+    try:
+        end = time.monotonic() + 90
+        with LUVCClient(f"localhost:{encoder.port}", ClientOptions(tls_ca=str(cert), token="s3cret")) as good, \
+             LUVCClient(f"localhost:{encoder.port}", ClientOptions(tls_ca=str(cert), token="wrong")) as bad:
+            while True:  # health over TLS is not probed by the plaintext helper: poll with a real call
+                try:
+                    reply = good.encode([image_file(DEMO)], timeout=10)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < end
+                    time.sleep(0.3)
+            assert reply.media[0].num_tokens > 0
+            code, _ = _code(lambda: bad.encode([image_file(DEMO)], timeout=10))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        with LUVCClient(f"127.0.0.1:{encoder.port}") as plaintext:
+            code, _ = _code(lambda: plaintext.encode([image_file(DEMO)], timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE  # a plaintext client cannot talk to a TLS server
+    finally:
         encoder.stop()
