@@ -61,20 +61,25 @@ class EncoderService:
 
 
 class EncoderServicer(luvc_pb2_grpc.EncoderServicer):
-    """grpc.aio shell around EncoderService."""
+    """The gRPC face of EncoderService, for grpc.aio and for a Ray Serve deployment alike
+    (Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally)."""
 
-    def __init__(self, service: EncoderService):
-        self.service = service
+    def __init__(self, config: EncoderConfig, server: ServerConfig, load_now: bool = False):
+        self.service = EncoderService(config, server)
+        if load_now:
+            self.service.load()
+            self.service.gate.ready = True
 
-    async def Encode(self, request, context):
-        call = Call.from_grpc(context)
+    async def Encode(self, request, grpc_context):
+        call = Call.from_context(grpc_context)
         try:
             return await self.service.encode(request, call)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            await abort_on_error(context, e, self.service.logger, call)
+            await abort_on_error(grpc_context, e, self.service.logger, call)
 
 
 def run(config: EncoderConfig, server: ServerConfig) -> None:
-    service = EncoderService(config, server)
-    add = lambda s: luvc_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(service), s)  # noqa: E731
+    servicer = EncoderServicer(config, server)
+    service = servicer.service
+    add = lambda s: luvc_pb2_grpc.add_EncoderServicer_to_server(servicer, s)  # noqa: E731
     asyncio.run(serve(server, [SERVICE_NAME], add, service.load, service.gate, service.logger))

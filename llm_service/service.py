@@ -40,6 +40,8 @@ class LLMConfig:
     """PEM CA bundle to verify a TLS encoder; None = plaintext channel."""
     encoder_token: str | None = None
     """Bearer token sent to the encoder."""
+    encoder_application: str | None = None
+    """Ray Serve application name of the encoder, when it runs behind Ray's gRPC proxy."""
 
 
 class LLMService:
@@ -74,6 +76,8 @@ class LLMService:
         metadata = [(REQUEST_ID, call.request_id)]
         if self.config.encoder_token:
             metadata.append(("authorization", f"Bearer {self.config.encoder_token}"))
+        if self.config.encoder_application:
+            metadata.append(("application", self.config.encoder_application))
         encode_request = luvc_pb2.EncodeRequest(
             media=request.media, method=method, wire_dtype=wire_dtype(request.wire_dtype or self.config.default_wire_dtype)
         )
@@ -159,21 +163,26 @@ class LLMService:
 
 
 class LLMServicer(luvc_pb2_grpc.LLMServicer):
-    """grpc.aio shell around LLMService."""
+    """The gRPC face of LLMService, for grpc.aio and for a Ray Serve deployment alike
+    (Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally)."""
 
-    def __init__(self, service: LLMService):
-        self.service = service
+    def __init__(self, config: LLMConfig, server: ServerConfig, load_now: bool = False):
+        self.service = LLMService(config, server)
+        if load_now:
+            self.service.load()
+            self.service.gate.ready = True
 
-    async def Generate(self, request, context):
-        call = Call.from_grpc(context)
+    async def Generate(self, request, grpc_context):
+        call = Call.from_context(grpc_context)
         try:
             async for chunk in self.service.generate(request, call):
                 yield chunk
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            await abort_on_error(context, e, self.service.logger, call)
+            await abort_on_error(grpc_context, e, self.service.logger, call)
 
 
 def run(config: LLMConfig, server: ServerConfig) -> None:
-    service = LLMService(config, server)
-    add = lambda s: luvc_pb2_grpc.add_LLMServicer_to_server(LLMServicer(service), s)  # noqa: E731
+    servicer = LLMServicer(config, server)
+    service = servicer.service
+    add = lambda s: luvc_pb2_grpc.add_LLMServicer_to_server(servicer, s)  # noqa: E731
     asyncio.run(serve(server, [SERVICE_NAME], add, service.load, service.gate, service.logger))

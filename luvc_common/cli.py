@@ -57,6 +57,11 @@ def cmd_serve_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_llm(args: argparse.Namespace) -> int:
+    if args.ray:
+        from luvc_common.ray_serve import run_llm_on_ray
+
+        run_llm_on_ray(args.host, args.port, args.encoder, args.model)
+        return 0
     from llm_service.service import LLMConfig, run
     from luvc_common.models.loading import ModelConfig
 
@@ -85,6 +90,9 @@ def cmd_client(args: argparse.Namespace) -> int:
                     stats = chunk.stats
     except grpc.RpcError as e:
         print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    if stats is None:
+        print("UNKNOWN: the stream ended without a final answer", file=sys.stderr)
         return 1
     out = stats_to_json(stats)
     if args.json:
@@ -158,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--encoder", required=True, metavar="HOST:PORT")
             p.add_argument("--encoder-tls-ca", help="CA bundle to verify a TLS encoder")
             p.add_argument("--encoder-token", default=os.environ.get("LUVC_ENCODER_TOKEN"), help="bearer token for the encoder")
+            p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (RAY_ADDRESS or a local instance) behind its gRPC proxy")
         p.add_argument("--wire-dtype", default="BF16", choices=["BF16", "FP16", "FP32"])
         p.add_argument("--max-message-mb", type=int, default=64)
         p.add_argument("--max-queue", type=int, default=32)

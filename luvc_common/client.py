@@ -24,7 +24,9 @@ class ClientOptions:
     tls_ca: str | None = None
     """PEM CA bundle; set to use TLS."""
     application: str | None = None
-    """Ray Serve application name, sent as `application` metadata (needed behind Ray's gRPC proxy)."""
+    """Ray Serve application to route to behind Ray's gRPC proxy; by default "llm" for Generate and
+    "encoder" for Encode (the names `luvc serve llm --ray` and deploy/ray/serve.yaml use). Plain
+    servers ignore it."""
     max_message_bytes: int = 64 * MiB
     """Largest message sent or received."""
     metadata: list[tuple[str, str]] = field(default_factory=list)
@@ -43,13 +45,11 @@ class LUVCClient:
         self.llm = luvc_pb2_grpc.LLMStub(self.channel)
         self.encoder = luvc_pb2_grpc.EncoderStub(self.channel)
 
-    def _metadata(self, request_id: str | None) -> list[tuple[str, str]]:
-        md = [(REQUEST_ID, request_id or uuid.uuid4().hex[:16]), *self.options.metadata]
+    def _metadata(self, request_id: str | None, application: str) -> list[tuple[str, str]]:
+        md = [(REQUEST_ID, request_id or uuid.uuid4().hex[:16]), ("application", self.options.application or application)]
         if self.options.token:
             md.append(("authorization", f"Bearer {self.options.token}"))
-        if self.options.application:
-            md.append(("application", self.options.application))
-        return md
+        return md + self.options.metadata
 
     def stream(
         self,
@@ -67,7 +67,7 @@ class LUVCClient:
         request = luvc_pb2.GenerateRequest(
             prompt=prompt, media=list(media), visual=visual, method=method, max_new_tokens=max_new_tokens, wire_dtype=wire_dtype
         )
-        return self.llm.Generate(request, timeout=timeout, metadata=self._metadata(request_id))
+        return self.llm.Generate(request, timeout=timeout, metadata=self._metadata(request_id, "llm"))
 
     def generate(self, prompt: str, media: list[luvc_pb2.Media] = (), **kwargs) -> luvc_pb2.GenerateStats:
         """The whole answer's stats (text, token ids, visual-token counts, payload, timings)."""
@@ -81,7 +81,7 @@ class LUVCClient:
 
     def encode(self, media: list[luvc_pb2.Media], method: str = "", wire_dtype: str = "", timeout: float | None = None) -> luvc_pb2.EncodeResponse:
         request = luvc_pb2.EncodeRequest(media=list(media), method=method, wire_dtype=wire_dtype)
-        return self.encoder.Encode(request, timeout=timeout, metadata=self._metadata(None))
+        return self.encoder.Encode(request, timeout=timeout, metadata=self._metadata(None, "encoder"))
 
     def close(self) -> None:
         self.channel.close()

@@ -63,8 +63,11 @@ class ServiceError(Exception):
     """An RPC failure with the gRPC status code the client should see."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)  # both in args, so it pickles across Ray processes
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -81,14 +84,16 @@ class Call:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     @classmethod
-    def from_grpc(cls, context: grpc.aio.ServicerContext) -> "Call":
+    def from_context(cls, context) -> "Call":
+        """From a grpc.aio ServicerContext or Ray Serve's RayServegRPCContext (which has neither a
+        deadline nor cancellation; Ray's proxy enforces its own request_timeout_s)."""
         meta = {k: v for k, v in (context.invocation_metadata() or ())}
-        remaining = context.time_remaining()
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
         return cls(
             request_id=meta.get(REQUEST_ID) or uuid.uuid4().hex[:16],
             authorization=meta.get("authorization", ""),
             deadline=None if remaining is None else time.monotonic() + remaining,
-            cancelled=context.cancelled,
+            cancelled=getattr(context, "cancelled", lambda: False),
         )
 
 
@@ -143,8 +148,11 @@ def log(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -
     logger.log(level, msg, extra={"fields": fields})
 
 
-async def abort_on_error(context: grpc.aio.ServicerContext, error: Exception, logger: logging.Logger, call: Call):
-    """Turn an exception into the RPC's status; unexpected ones become INTERNAL and are logged."""
+async def abort_on_error(context, error: Exception, logger: logging.Logger, call: Call) -> None:
+    """Turn an exception into the RPC's status (always raises); unexpected ones become INTERNAL.
+
+    A grpc.aio context aborts; Ray Serve's context takes the code and details, and the re-raised
+    error makes Ray's proxy answer with them."""
     if isinstance(error, ServiceError):
         code, message = error.code, str(error)
     elif isinstance(error, UserError):
@@ -153,7 +161,11 @@ async def abort_on_error(context: grpc.aio.ServicerContext, error: Exception, lo
         logger.exception("unexpected error", extra={"fields": {"request_id": call.request_id}})
         code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see server log, request {call.request_id}"
     log(logger, "request failed", logging.WARNING, request_id=call.request_id, code=code.name, error=message)
-    await context.abort(code, message)
+    if hasattr(context, "abort"):
+        await context.abort(code, message)
+    context.set_code(code)
+    context.set_details(message)
+    raise error
 
 
 async def serve(

@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nluvc.proto\x12\x
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'luvc_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'luvc_common.proto.luvc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATESTATS_TIMINGSMSENTRY']._loaded_options = None
