@@ -109,6 +109,14 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from luvc_common.client import check_health
+
+    status = check_health(args.target, timeout=args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Both services as real processes on free loopback ports, one question through the client."""
     import tempfile
@@ -190,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-ca")
     c.add_argument("--application", help="Ray Serve application name (behind Ray's gRPC proxy)")
     c.set_defaults(func=cmd_client)
+
+    h = sub.add_parser("health", help="exit 0 when the service at --target is SERVING (plain or behind Ray)")
+    h.add_argument("--target", required=True, metavar="HOST:PORT")
+    h.add_argument("--timeout", type=float, default=3.0)
+    h.set_defaults(func=cmd_health)
 
     d = sub.add_parser("demo", help="start both services, ask about the bundled image, stop them")
     d.add_argument("--model", default=str(DEFAULT_MODEL))

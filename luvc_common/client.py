@@ -93,6 +93,26 @@ class LUVCClient:
         self.close()
 
 
+def check_health(target: str, service: str = "", timeout: float = 3.0) -> str:
+    """SERVING / NOT_SERVING / an error code name for `service` ("" = the whole server). Asks
+    grpc.health.v1; behind Ray's gRPC proxy (which does not implement it) asks Ray's Healthz."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return e.code().name
+        healthz = channel.unary_unary("/ray.serve.RayServeAPIService/Healthz", lambda b: b, lambda b: b)
+        try:
+            healthz(b"", timeout=timeout)  # an empty HealthzRequest; any OK answer means healthy
+            return "SERVING"
+        except grpc.RpcError as e:
+            return e.code().name
+
+
 def image_file(path: str | Path) -> luvc_pb2.Media:
     """An image file as a request item (sent encoded; the encoder decodes it)."""
     return luvc_pb2.Media(image=Path(path).read_bytes())

@@ -9,23 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from luvc_common.client import check_health
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def health(target: str, service: str = "", timeout: float = 2.0) -> str:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError as e:
-            return e.code().name
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 class Service:
@@ -51,7 +41,7 @@ class Service:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            if health(self.target) == status:
+            if check_health(self.target, timeout=2.0) == status:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{self.target} not {status} after {timeout}s: {self.log()[-2000:]}")

@@ -17,6 +17,7 @@ from ray import serve
 from encoder_service.service import EncoderConfig, EncoderServicer
 from llm_service.service import LLMConfig, LLMServicer
 from luvc_common.config import DEFAULT_MODEL
+from luvc_common.launch import free_port
 from luvc_common.models.loading import ModelConfig
 from luvc_common.serving import ServerConfig, get_logger, log
 
@@ -82,29 +83,22 @@ def run_llm_on_ray(host: str, port: int, encoder: str, model: str, extra: dict |
     the LLM app behind Ray's gRPC proxy on host:port, and shut down what we started on SIGTERM."""
     logger = get_logger("llm-ray")
     t0 = time.perf_counter()
-    started_ray = not os.environ.get("RAY_ADDRESS")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, _temp_dir=os.environ.get("RAY_TMPDIR"))
+    address = os.environ.pop("RAY_ADDRESS", "") or None  # Ray itself rejects an empty RAY_ADDRESS
+    ray.init(address=address, include_dashboard=False, _temp_dir=os.environ.get("RAY_TMPDIR") or None)
     t_ray = time.perf_counter()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stop.set())
     serve.start(
-        http_options={"host": host, "port": int(os.environ.get("LUVC_RAY_HTTP_PORT", 0)) or _free_port(host)},
+        http_options={"host": host, "port": int(os.environ.get("LUVC_RAY_HTTP_PORT", 0)) or free_port(host)},
         grpc_options={"port": port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
     )
     serve.run(llm_app({"encoder": encoder, "model": model, **(extra or {})}), name="llm", route_prefix="/llm")
     log(logger, "deployed; SERVING through Ray's gRPC proxy", port=port, application="llm",
-        ray_start_s=round(t_ray - t0, 2), deploy_s=round(time.perf_counter() - t_ray, 2), joined_cluster=not started_ray)
+        ray_start_s=round(t_ray - t0, 2), deploy_s=round(time.perf_counter() - t_ray, 2), joined_cluster=address is not None)
     stop.wait()
     log(logger, "stopping")
     serve.shutdown()
     ray.shutdown()
     log(logger, "stopped")
 
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

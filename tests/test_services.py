@@ -18,7 +18,8 @@ from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import Pipeline
 from luvc_common.proto import luvc_pb2
 from luvc_common.wire import to_wire
-from luvc_common.launch import Service, health
+from luvc_common.client import check_health as health
+from luvc_common.launch import Service
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"
