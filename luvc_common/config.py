@@ -58,6 +58,9 @@ class SPUConfig:
     """Low-pass cutoff as a fraction of the spatial frequency band, in (0, 1)."""
     window: str = "ideal"
     """Low-pass window: "ideal" (box) or "gaussian" (smooth, sigma = cutoff x half band)."""
+    mode: str = "select"
+    """"select": keep the tokens with the largest high-frequency residual (the rest are dropped);
+    "resample": truncate the spectrum and invert onto a smaller grid (tokens are fused)."""
 
     def __post_init__(self) -> None:
         s = tuple((float(d), float(r)) for d, r in self.stages)
@@ -71,6 +74,7 @@ class SPUConfig:
         _check(ratios[-1] == 0.0, "spu.stages keep_ratio", ratios, "a last stage with keep_ratio 0")
         _check(0.0 < self.cutoff < 1.0, "spu.cutoff", self.cutoff, "a value in (0, 1)")
         _check(self.window in ("ideal", "gaussian"), "spu.window", self.window, '"ideal" or "gaussian"')
+        _check(self.mode in ("select", "resample"), "spu.mode", self.mode, '"select" or "resample"')
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from luvc_common.compression.spu import highfreq_residual, lowpass, select, stage_layers
+from luvc_common.compression.spu import (
+    highfreq_residual,
+    lowpass,
+    resampled_grid,
+    resampled_positions,
+    select,
+    spectral_resample,
+    stage_layers,
+)
 from luvc_common.config import SPUConfig, method_config
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig
@@ -134,3 +142,38 @@ def test_batch_with_padding_equals_requests_alone(pipeline, demo_image, demo_vid
     assert together.visual_per_layer == [alone[0].visual_per_layer[0], alone[1].visual_per_layer[0]]
     assert torch.allclose(together.step_logits[0][0], alone[0].step_logits[0][0], atol=1e-4)
     assert torch.allclose(together.step_logits[0][1], alone[1].step_logits[0][0], atol=1e-4)
+
+
+def test_spectral_resample_keeps_low_frequencies_on_a_smaller_grid():
+    h, w = 8, 12
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    smooth = (2 + torch.cos(2 * math.pi * xx / w)).float()[None, ..., None]
+    small = spectral_resample(smooth, (4, 6))
+    xs = torch.arange(6) * 2.0  # where the new tokens sample the old grid
+    assert small.shape == (1, 4, 6, 1)
+    assert torch.allclose(small[0, :, :, 0], (2 + torch.cos(2 * math.pi * xs / w)).expand(4, 6), atol=1e-4)
+    assert torch.allclose(spectral_resample(torch.full((2, h, w, 3), 5.0), (3, 5)), torch.full((2, 3, 5, 3), 5.0), atol=1e-5)
+    assert resampled_grid((2, 8, 12), keep=2 * 24) == (2, 4, 6)
+    pos = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(12.0), indexing="ij"))
+    new = resampled_positions(pos, (4, 6))
+    assert torch.allclose(new[2, 0, 0], xs) and torch.allclose(new[1, 0, :, 0], torch.arange(4) * 2.0)
+    assert torch.equal(new[0], torch.zeros(1, 4, 6))
+
+
+def test_resample_mode_fuses_tokens_and_empties_the_last_layer(pipeline, demo_image, demo_video):
+    gen = pipeline.generator
+    cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
+    encoded = pipeline.encoder.encode([demo_image, demo_video], cfg.oim)
+    ids = gen.prompt_ids("What color is the circle?", encoded)
+    out = gen.engine.generate([_request(ids, encoded)], cfg.spu, 4, keep_logits=True)
+    counts = out.visual_per_layer[0]
+    grids = [(t, h // 2, w // 2) for t, h, w in encoded.grids]
+    expect = [sum(t * h * w for t, h, w in (resampled_grid(g, round(r * g[0] * g[1] * g[2])) for g in grids)) for r in (0.5, 0.25)]
+    assert counts == [len(encoded.embeds), *expect, 0]
+    assert torch.isfinite(out.step_logits[0]).all()
+    # cached decode still equals recomputation with resampled (fused) tokens in the early caches
+    state = gen.engine.prefill([_request(ids, encoded)], cfg.spu)
+    token = gen.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    cached = gen.engine.decode_step(state, torch.tensor([token]))
+    fresh = gen.engine.prefill([_request(ids + [token], encoded)], cfg.spu)
+    assert torch.allclose(fresh.logits, cached, atol=1e-4)

@@ -60,6 +60,37 @@ def select(
     return scores.topk(keep).indices.sort().values, low
 
 
+def resampled_grid(grid: Grid, keep: int) -> Grid:
+    """The (t, h', w') grid with about `keep` tokens and the same aspect ratio (h' <= h, w' <= w)."""
+    t, h, w = grid
+    scale = (keep / (t * h * w)) ** 0.5
+    return t, max(1, min(h, round(h * scale))), max(1, min(w, round(w * scale)))
+
+
+def spectral_resample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resample (t, h, w, D) features onto a (t, h', w') grid by keeping the h' x w' lowest spatial
+    frequencies and inverting onto the smaller grid: tokens are fused, not dropped. New token (i, j)
+    is the band-limited signal at old coordinates (i * h / h', j * w / w'). float32 out."""
+    _, h, w, _ = x.shape
+    h2, w2 = size
+    rows = torch.cat([torch.arange((h2 + 1) // 2), torch.arange(h - h2 // 2, h)]).to(x.device)
+    cols = torch.cat([torch.arange((w2 + 1) // 2), torch.arange(w - w2 // 2, w)]).to(x.device)
+    spectrum = torch.fft.fft2(x.float(), dim=(1, 2), norm="forward")[:, rows][:, :, cols]
+    return torch.fft.ifft2(spectrum, dim=(1, 2), norm="forward").real
+
+
+def resampled_positions(positions: Tensor, size: tuple[int, int]) -> Tensor:
+    """(3, t, h, w) M-RoPE positions of an item's grid (linear in the row and column index) ->
+    (3, t, h', w') float positions where spectral_resample samples: (i * h / h', j * w / w')."""
+    _, _, h, w = positions.shape
+    pos = positions.float()
+    step_h = pos[:, :, 1:2, :1] - pos[:, :, :1, :1] if h > 1 else torch.zeros_like(pos[:, :, :1, :1])
+    step_w = pos[:, :, :1, 1:2] - pos[:, :, :1, :1] if w > 1 else torch.zeros_like(pos[:, :, :1, :1])
+    rows = (torch.arange(size[0], device=pos.device) * (h / size[0]))[:, None]
+    cols = (torch.arange(size[1], device=pos.device) * (w / size[1]))[None, :]
+    return pos[:, :, :1, :1] + rows * step_h + cols * step_w
+
+
 def stage_layers(stages: tuple[tuple[float, float], ...], num_layers: int) -> dict[int, float]:
     """Resolve (relative depth, keep ratio) stages to {decoder layer index: keep ratio}."""
     layers = {round(d * num_layers): r for d, r in stages}

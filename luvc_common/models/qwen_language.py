@@ -141,13 +141,15 @@ class LanguageEngine:
         valid = valid.to(device)
 
         stages = spu.stage_layers(spu_cfg.stages, self.num_layers) if spu_cfg else {}
-        low_pass: dict[tuple[int, int], Tensor] = {}
+        item_state: dict[tuple[int, int], Tensor | tuple] = {}  # select: last low-pass; resample: grid
         cache = DynamicCache(config=self.config.get_text_config())
         layer_valid, visual_per_layer = [], [[] for _ in requests]
         for i, layer in enumerate(self.lm.layers):
             if i in stages:
-                keep = self._spu_keep(hidden, source, spans, stages[i], spu_cfg, low_pass)
-                hidden, cos, sin, source, valid = _repack(keep, hidden, cos, sin, source)
+                prune = self._spu_select if spu_cfg.mode == "select" else self._spu_resample
+                rows = [prune(b, hidden[b], cos[b], sin[b], source[b], spans[b], stages[i], spu_cfg, item_state, position_ids[:, b])
+                        for b in range(len(requests))]
+                hidden, cos, sin, source, valid = _pad_rows(rows)
             for b in range(len(requests)):
                 visual_per_layer[b].append(sum(int(((source[b] >= s.start) & (source[b] < s.start + s.length)).sum()) for s in spans[b]))
             layer_valid.append(valid)
@@ -161,21 +163,53 @@ class LanguageEngine:
         logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
         return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
 
-    def _spu_keep(self, hidden, source, spans, ratio, cfg: SPUConfig, low_pass) -> Tensor:
+    @staticmethod
+    def _members(source: Tensor, span: _Span) -> Tensor:
+        return ((source >= span.start) & (source < span.start + span.length)).nonzero().flatten()
+
+    def _spu_select(self, b, hidden, cos, sin, source, spans, ratio, cfg: SPUConfig, low_pass, _positions):
+        """One row: drop each item's tokens with the smallest high-frequency residual."""
         keep = source >= 0
-        for b, row_spans in enumerate(spans):
-            for j, s in enumerate(row_spans):
-                members = ((source[b] >= s.start) & (source[b] < s.start + s.length)).nonzero().flatten()
-                if len(members) == 0:
-                    continue
-                kept, low_pass[b, j] = spu.select(
-                    hidden[b, members], (source[b, members] - s.start).to(hidden.device), s.grid,
-                    round(ratio * s.length), cfg.cutoff, cfg.window, low_pass.get((b, j)),
-                )
-                drop = torch.ones(len(members), dtype=torch.bool)
-                drop[kept.cpu()] = False
-                keep[b, members[drop]] = False
-        return keep
+        for j, s in enumerate(spans):
+            members = self._members(source, s)
+            if len(members) == 0:
+                continue
+            kept, low_pass[b, j] = spu.select(
+                hidden[members], (source[members] - s.start).to(hidden.device), s.grid,
+                round(ratio * s.length), cfg.cutoff, cfg.window, low_pass.get((b, j)),
+            )
+            drop = torch.ones(len(members), dtype=torch.bool)
+            drop[kept.cpu()] = False
+            keep[members[drop]] = False
+        idx = keep.nonzero().flatten()
+        return hidden[idx.to(hidden.device)], cos[idx.to(cos.device)], sin[idx.to(sin.device)], source[idx]
+
+    def _spu_resample(self, b, hidden, cos, sin, source, spans, ratio, cfg: SPUConfig, grids, positions):
+        """One row: replace each item's tokens by a smaller spectrally resampled grid of tokens, with
+        M-RoPE positions at the new cells' centres (float) in the item's original coordinates."""
+        item = torch.full_like(source, -1)
+        for j, s in enumerate(spans):
+            item[self._members(source, s)] = j
+        valid = (source >= 0).nonzero().flatten()
+        pieces, offset = [], 0
+        runs, counts = torch.unique_consecutive(item[valid], return_counts=True)
+        for j, n in zip(runs.tolist(), counts.tolist()):
+            idx = valid[offset : offset + n]
+            offset += n
+            if j < 0:
+                dev = hidden.device
+                pieces.append((hidden[idx.to(dev)], cos[idx.to(dev)], sin[idx.to(dev)], source[idx]))
+                continue
+            if ratio == 0:
+                continue
+            s = spans[j]
+            grid, new = grids.get((b, j), s.grid), spu.resampled_grid(s.grid, round(ratio * s.length))
+            grids[b, j] = new
+            x = spu.spectral_resample(hidden[idx.to(hidden.device)].view(*grid, -1), new[1:]).to(hidden.dtype)
+            pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(3, *s.grid), new[1:])
+            c, si = self.lm.rotary_emb(x[None], pos.reshape(3, 1, -1).to(hidden.device))
+            pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.start + torch.arange(x.shape[:3].numel())))
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
 
     @torch.no_grad()
     def decode_step(self, state: PrefillState, tokens: Tensor) -> Tensor:
@@ -234,17 +268,13 @@ class LanguageEngine:
         return Generation(out, state.visual_per_layer, (t1 - t0) * 1e3, (t2 - t1) * 1e3, step_logits)
 
 
-def _repack(keep: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, source: Tensor):
-    """Gather each row's kept positions, left-padded to the longest row."""
-    counts = keep.sum(1)
-    width = int(counts.max())
-    index = torch.zeros(len(keep), width, dtype=torch.long)
-    valid = torch.zeros(len(keep), width, dtype=torch.bool)
-    for b in range(len(keep)):
-        kept = keep[b].nonzero().flatten()
-        index[b, width - len(kept) :] = kept
-        valid[b, width - len(kept) :] = True
-    dev = hidden.device
-    gather = lambda x: x.gather(1, index.to(dev)[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-    source = torch.where(valid, source.gather(1, index), -1)
-    return gather(hidden), gather(cos), gather(sin), source, valid.to(dev)
+def _pad_rows(rows: list[tuple[Tensor, Tensor, Tensor, Tensor]]):
+    """Left-pad per-row (hidden, cos, sin, source) to the longest row; returns them with `valid`."""
+    width = max(len(r[3]) for r in rows)
+    hidden, cos, sin = (torch.zeros(len(rows), width, r.shape[-1], dtype=r.dtype, device=r.device) for r in rows[0][:3])
+    source = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, (h, c, s, src) in enumerate(rows):
+        n = len(src)
+        if n:
+            hidden[b, width - n :], cos[b, width - n :], sin[b, width - n :], source[b, width - n :] = h, c, s, src
+    return hidden, cos, sin, source, (source >= 0).to(hidden.device)
