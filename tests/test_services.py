@@ -148,6 +148,13 @@ def test_bad_input_gets_invalid_argument_and_service_keeps_serving(stack, client
     assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=60).encoder_out > 0
 
 
+def test_deadline_is_honoured_and_service_keeps_serving(client):
+    t0 = time.monotonic()
+    code, _ = _code(lambda: client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=64, timeout=0.05))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
+    assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=60).encoder_out > 0
+
+
 def test_oversized_message_is_resource_exhausted(stack, client):
     huge = luvc_pb2.Media(image=b"\0" * (65 << 20))
     with LUVCClient(stack[1].target, ClientOptions(max_message_bytes=128 << 20)) as big:
