@@ -138,7 +138,7 @@ def test_autoscaling_and_replica_replacement(encoder, tiny_qwen2vl, tmp_path_fac
 
         killed = _live_replicas()
         assert killed
-        for name, handle in killed.items():
+        for handle in killed.values():
             ray.kill(handle, no_restart=True)
         assert _generate_until_ready(target, max_new_tokens=4).encoder_out > 0  # Serve started a new replica
         assert set(_live_replicas()) - set(killed)
