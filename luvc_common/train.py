@@ -2,10 +2,13 @@
 
 Examples are generated on the fly: batch `step` holds make_example(seed, step * batch_size + j),
 so the data order is a pure function of the step and resuming needs no data-loader state.
-Checkpoints (model, optimizer, scheduler, step, RNG) are written atomically to OUT/ckpt.pt, the
-loss log to OUT/log.jsonl; `--export DIR` writes a standard HF model directory (bf16 safetensors).
+The LR schedule (warm-up, then cosine) follows progress = max(step / steps, elapsed / minutes), so
+a run on a busy shared CPU still decays fully before its time budget ends; on an idle machine the
+step budget binds and the run is a pure function of the seed. Checkpoints (model, optimizer,
+schedule, step, RNG) are written atomically to OUT/ckpt.pt, the loss log to OUT/log.jsonl;
+`--export DIR` writes a standard HF model directory (bf16 safetensors).
 
-    python -m luvc_common.train --out runs/train --steps 3000 --minutes 55 --export models/luvc-tiny-qwen2vl
+    python -m luvc_common.train --out runs/train --steps 4000 --minutes 31 --export models/luvc-tiny-qwen2vl
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
     p.add_argument("--export", default=None, help="write the final HF model directory here")
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run; stop, save and export when exceeded")
+    p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
     p.add_argument("--eval-every", type=int, default=250, help="validation period in steps (0: never)")
     p.add_argument("--eval-n", type=int, default=120, help="validation examples (seed 2000)")
@@ -74,6 +78,14 @@ def build_model(args: argparse.Namespace, tokenizer) -> Qwen2VLForConditionalGen
                          hidden=args.hidden, vision_dim=args.vision_dim, init_range=0.02)
     torch.manual_seed(args.seed)
     return Qwen2VLForConditionalGeneration(config)
+
+
+def build_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
 def encode_example(seed: int, index: int, tokenizer, processor) -> dict:
@@ -124,29 +136,43 @@ def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]]) -> dict[
     return {"all": sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values()), **acc}
 
 
-def lr_lambda(args: argparse.Namespace):
-    def f(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
+@dataclass
+class Schedule:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_frac * lr as progress goes 0 -> 1."""
+
+    lr: float
+    steps: int
+    warmup: int
+    min_frac: float
+    seconds: float | None
+    """Time budget; None: steps only."""
+    elapsed: float = 0.0
+    """Training seconds so far, over all resumes."""
+
+    def progress(self, step: int) -> float:
+        return max(step / self.steps, self.elapsed / self.seconds if self.seconds is not None else 0.0)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = min(1.0, self.progress(step))
+        return self.lr * (self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int) -> None:
+def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int) -> None:
     """Atomic: written to a temporary file, then renamed over the old checkpoint."""
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), step=step,
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=asdict(schedule), step=step,
                  rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, model, optimizer, schedule: Schedule) -> int:
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    schedule.elapsed = state["schedule"]["elapsed"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
@@ -176,23 +202,23 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = build_tokenizer(), image_processor(args.max_pixels)
     model = build_model(args, tokenizer)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    optimizer = build_optimizer(model, args)
+    schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
-    step = load_checkpoint(ckpt, model, optimizer, scheduler) if args.resume and ckpt.exists() else 0
+    step = load_checkpoint(ckpt, model, optimizer, schedule) if args.resume and ckpt.exists() else 0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters; starting at step {step}/{args.steps}", flush=True)
     val = [make_batch(VAL_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
            for i in range(0, args.eval_n if args.eval_every else 0, 24)]
     model.train()
-    t0 = last_ckpt = time.time()
+    last_ckpt = t_prev = time.time()
     record: dict = {}
     with open(out / "log.jsonl", "a") as log, tqdm(total=args.steps, initial=step, dynamic_ncols=True) as bar:
-        while step < args.steps:
+        while schedule.progress(step) < 1:
             t_data = time.time()
+            lr = schedule.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor)
             t_model = time.time()
             loss = model(**batch).loss
@@ -200,25 +226,23 @@ def train(args: argparse.Namespace) -> dict:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            scheduler.step()
             step += 1
             now = time.time()
-            record = dict(step=step, loss=round(loss.item(), 4), lr=scheduler.get_last_lr()[0], grad_norm=round(grad_norm.item(), 3),
-                          data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(now - t0, 1))
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            schedule.elapsed, t_prev = schedule.elapsed + now - t_prev, now  # wall time: evaluation and checkpoints count
+            record = dict(step=step, loss=round(loss.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
+                          data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(schedule.elapsed, 1))
+            if args.eval_every and (step % args.eval_every == 0 or schedule.progress(step) >= 1):
                 record["val"] = {k: round(v, 3) for k, v in evaluate(model, val).items()}
                 tqdm.write(f"step {step} val {record['val']}")
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
             bar.update()
-            out_of_time = args.minutes is not None and now - t0 > 60 * args.minutes
-            if now - last_ckpt > 60 * args.ckpt_minutes or step == args.steps or out_of_time:
-                save_checkpoint(ckpt, model, optimizer, scheduler, step)
+            done = schedule.progress(step) >= 1
+            if now - last_ckpt > 60 * args.ckpt_minutes or done:
+                save_checkpoint(ckpt, model, optimizer, schedule, step)
                 last_ckpt = time.time()
-            if out_of_time:
-                tqdm.write(f"time budget of {args.minutes} min reached at step {step}")
-                break
+    print(f"stopped at step {step}/{args.steps} after {schedule.elapsed / 60:.1f} min", flush=True)
     if args.export:
         print(f"exported to {export_model(model, tokenizer, args.max_pixels, args.export)}", flush=True)
     return record
