@@ -144,6 +144,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(argv: list[str]) -> int:
+    """Its flags live with the trainer (luvc_common.train), which imports torch only when used."""
+    from luvc_common.train import add_arguments, train
+
+    train(add_arguments(argparse.ArgumentParser(prog="luvc train")).parse_args(argv))
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from luvc_common.synthvqa import write_dataset
 
@@ -210,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="What color is the circle?")
     d.set_defaults(func=cmd_demo)
 
+    sub.add_parser("train", help="train a tiny Qwen2-VL from scratch on SynthVQA (luvc train --help)", add_help=False)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a SynthVQA JSONL set")
     s.add_argument("--out", required=True)
@@ -220,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return cmd_train(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -62,13 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the `train` subcommand; it calls train(args)."""
-    p = add_arguments(subparsers.add_parser("train", help="train a tiny Qwen2-VL from scratch on SynthVQA"))
-    p.set_defaults(func=train)
-    return p
-
-
 def image_processor(max_pixels: int) -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=max_pixels)
 
