@@ -1,0 +1,221 @@
+"""`luvc eval`: accuracy and LLM cost of visual-token compression methods on a VQA set.
+
+Every example is encoded once per distinct OIM setting and answered greedily by every method
+(methods interleaved per example, so all see the same machine load). Per method: exact-match
+accuracy after normalize_answer, overall and per task; mean visual tokens entering the LLM; the
+theoretical LLM prefill FLOPs ratio (uncompressed / method, summed over the set, see flops.py);
+and the measured prefill speedup (median prefill time of "none" / the method's). "none" always
+runs: it is the baseline of the speedup.
+
+    luvc eval --methods none,luvc --limit 60 --json eval.json --plot eval.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, CompressionConfig, method_config
+from luvc_common.errors import UserError
+
+TEST_SEED, TEST_N = 3000, 600
+"""The bundled SynthVQA test split: make_example(3000, i) for i < 600 (100 per task)."""
+BASELINE = method_config("none")
+
+
+def synthvqa_test_set(n: int = TEST_N) -> list[dict]:
+    """The bundled test split as records like load_jsonl's, with the Scene as "image" (rendered on use)."""
+    from luvc_common.synthvqa import make_example
+
+    return [{"image": ex.scene, "question": ex.question, "answer": ex.answer, "task": ex.task}
+            for ex in (make_example(TEST_SEED, i) for i in range(n))]
+
+
+def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
+    """Exact match after normalize_answer: {"accuracy", "per_task": {task: accuracy}, "n"}."""
+    from luvc_common.synthvqa import normalize_answer
+
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for task, pred, answer in zip(tasks, predictions, answers, strict=True):
+        hits[task].append(normalize_answer(pred) == normalize_answer(answer))
+    n = len(tasks)
+    return {"accuracy": sum(map(sum, hits.values())) / max(n, 1), "per_task": {t: sum(h) / len(h) for t, h in hits.items()}, "n": n}
+
+
+def config_label(cfg: CompressionConfig) -> str:
+    """The method name for its default configuration, else `method[knob=value, ...]` naming what differs."""
+    default, diffs = method_config(cfg.method), []
+    for part in ("oim", "spu"):
+        mine, ref = getattr(cfg, part), getattr(default, part)
+        if mine == ref:
+            continue
+        if mine is None:
+            diffs.append(f"{part}=off")
+            continue
+        ref = ref or type(mine)()
+        diffs += [f"{part}.{f.name}={getattr(mine, f.name)}" for f in fields(mine) if getattr(mine, f.name) != getattr(ref, f.name)] or [f"{part}=on"]
+    return f"{cfg.method}[{', '.join(diffs)}]" if diffs else cfg.method
+
+
+def _runs(methods: Sequence[CompressionConfig] | Mapping[str, CompressionConfig]) -> dict[str, CompressionConfig]:
+    """Label -> config, with the uncompressed baseline first (added as "none" when missing)."""
+    runs = dict(methods) if isinstance(methods, Mapping) else {config_label(c): c for c in methods}
+    base = next((label for label, c in runs.items() if c == BASELINE), None)
+    if base is None and "none" in runs:
+        raise ValueError('the label "none" is taken by a compressed configuration')
+    return {base or "none": BASELINE, **runs}
+
+
+def _media(image, limits):
+    from luvc_common.media import Media, load_image
+    from luvc_common.synthvqa import Scene, render
+
+    return Media("image", [render(image)]) if isinstance(image, Scene) else load_image(image, limits)
+
+
+def evaluate(
+    model_dir: str | Path,
+    examples: Sequence[dict],
+    methods: Sequence[CompressionConfig] | Mapping[str, CompressionConfig],
+    limit: int | None = None,
+    progress: bool = True,
+    max_new_tokens: int = 8,
+) -> dict:
+    """Run every method on examples[:limit] and return {"model", "n", "max_new_tokens", "results": [...]}.
+
+    examples: records with "image" (a file path or a synthvqa.Scene), "question", "answer", "task".
+    methods: configs (labelled by config_label) or a {label: config} mapping, e.g. for a budget sweep.
+    Results come in run order, "none" first; accuracies are in [0, 1].
+    """
+    from tqdm import tqdm
+
+    from luvc_common.flops import prefill_flops, uncompressed_tokens_per_layer
+    from luvc_common.models.loading import ModelConfig
+    from luvc_common.pipeline import Pipeline
+
+    examples = list(examples)[:limit]
+    if not examples:
+        raise UserError("no examples to evaluate")
+    runs = _runs(methods)
+    by_oim: dict = defaultdict(list)
+    for label, cfg in runs.items():
+        by_oim[cfg.oim].append(label)
+    pipe = Pipeline(ModelConfig(str(model_dir)))
+    engine = pipe.generator.engine
+    text_config = engine.config.text_config
+    rows: dict[str, list[tuple[str, int, list[int], float, float]]] = {label: [] for label in runs}
+    base_flops = 0.0
+    for ex in tqdm(examples, desc="eval", unit="ex", disable=not progress):
+        media = [_media(ex["image"], pipe.limits)]
+        for oim, labels in by_oim.items():
+            encoded = pipe.encoder.encode(media, oim)
+            for label in labels:
+                r = pipe.generator.generate(ex["question"], encoded, runs[label].spu, max_new_tokens, label)
+                vis = r.visual_tokens
+                text_tokens = len(r.prompt_ids) - vis["encoder_out"]
+                flops = prefill_flops([text_tokens + k for k in vis["llm_per_layer"]], text_config)
+                rows[label].append((r.text, vis["encoder_out"], vis["llm_per_layer"], flops, r.timings_ms["prefill"]))
+        base_flops += prefill_flops(uncompressed_tokens_per_layer(text_tokens, encoded.source_grids, engine.num_layers, engine.unit), text_config)
+
+    base_ms = statistics.median(row[4] for row in rows[next(iter(runs))])
+    results = []
+    for label, cfg in runs.items():
+        preds, vis_in, per_layer, flops, prefill_ms = zip(*rows[label])
+        results.append({
+            "method": label, "config": asdict(cfg),
+            **score([ex["task"] for ex in examples], preds, [ex["answer"] for ex in examples]),
+            "visual_tokens_llm_in": statistics.fmean(vis_in),
+            "visual_tokens_per_layer": [statistics.fmean(layer) for layer in zip(*per_layer)],
+            "llm_flops_ratio": base_flops / sum(flops),
+            "llm_prefill_speedup": base_ms / statistics.median(prefill_ms),
+            "prefill_ms_median": statistics.median(prefill_ms),
+        })
+    return {"model": str(model_dir), "n": len(examples), "max_new_tokens": max_new_tokens, "results": results}
+
+
+def format_table(results: list[dict]) -> str:
+    """One line per method: accuracy, per-task accuracies, visual tokens, FLOPs ratio, prefill speedup."""
+    tasks = list(dict.fromkeys(t for r in results for t in r["per_task"]))
+    width = max(len("method"), *(len(r["method"]) for r in results))
+    head = f"{'method':<{width}}  {'acc':>5}  " + " ".join(f"{t[:8]:>8}" for t in tasks) + f"  {'vis tok':>7}  {'FLOPs x':>7}  {'prefill x':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        per_task = " ".join(f"{r['per_task'][t]:8.3f}" if t in r["per_task"] else f"{'-':>8}" for t in tasks)
+        lines.append(f"{r['method']:<{width}}  {r['accuracy']:5.3f}  {per_task}  {r['visual_tokens_llm_in']:7.1f}"
+                     f"  {r['llm_flops_ratio']:7.2f}  {r['llm_prefill_speedup']:9.2f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Accuracy vs LLM speedup, one labelled pair of points per method: theoretical FLOPs ratio and measured prefill speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    acc = [r["accuracy"] for r in results]
+    theory, measured = [r["llm_flops_ratio"] for r in results], [r["llm_prefill_speedup"] for r in results]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for x0, x1, y in zip(theory, measured, acc):
+        ax.plot([x0, x1], [y, y], color="0.75", lw=1, zorder=1)
+    ax.scatter(theory, acc, marker="o", color="C0", zorder=2, label="theoretical (LLM prefill FLOPs ratio)")
+    ax.scatter(measured, acc, marker="s", facecolors="none", edgecolors="C1", zorder=2, label="measured (LLM prefill time ratio)")
+    for r, x, y in zip(results, theory, acc):
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel('LLM speedup over "none" (x)')
+    ax.set_ylabel("accuracy (exact match)")
+    ax.set_title(f"{Path(report['model']).name}, n={report['n']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _positive(s: str) -> int:
+    if (v := int(s)) <= 0:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
+    return v
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `eval` subcommand; it calls cmd_eval(args)."""
+    p = subparsers.add_parser(
+        "eval", help="accuracy and LLM cost of compression methods on a VQA set",
+        description='Accuracy (exact match), visual tokens, theoretical LLM FLOPs ratio and measured prefill speedup '
+                    'per method. "none" (uncompressed) always runs and is reported: it is the baseline of both ratios.',
+    )
+    p.add_argument("--data", metavar="FILE.jsonl", help="any JSONL of {image, question, answer, task} records, image paths "
+                   "relative to the file (e.g. from `luvc data synth`); default: the bundled SynthVQA test split "
+                   f"(make_example({TEST_SEED}, i), i < {TEST_N}, 100 per task), generated in memory")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint directory")
+    p.add_argument("--methods", default="none,luvc", help=f"comma-separated method names from {list(METHOD_NAMES)}")
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N examples")
+    p.add_argument("--max-new-tokens", type=_positive, default=8)
+    p.add_argument("--json", metavar="OUT", help='write {"results": [...], ...} here')
+    p.add_argument("--plot", metavar="PNG", help="write an accuracy vs LLM speedup plot here")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from luvc_common.synthvqa import load_jsonl
+
+    try:
+        examples = load_jsonl(args.data) if args.data else synthvqa_test_set()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--data: {e}") from None
+    methods = [method_config(name.strip()) for name in args.methods.split(",") if name.strip()]
+    report = evaluate(args.model, examples, methods, args.limit, max_new_tokens=args.max_new_tokens)
+    report["data"] = args.data or f"synthvqa test (seed {TEST_SEED})"
+    print(format_table(report["results"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0

@@ -1,0 +1,66 @@
+"""Ablation of the OIM and SPU knobs on the SynthVQA validation split (seed 2000, never trained on).
+
+Usage: python tools/sweep_defaults.py [--model DIR] [--n 300] [--json OUT] [--markdown OUT]
+Every variant changes the current `luvc` defaults in one or two knobs; the table lists accuracy,
+per-task accuracy, visual tokens into the LLM, theoretical LLM FLOPs ratio and measured prefill
+speedup. Pick the most accurate variant with a FLOPs ratio >= 2 as the new default.
+"""
+import argparse
+import json
+from dataclasses import replace
+
+from luvc_common.config import DEFAULT_MODEL, SPUConfig, method_config
+from luvc_common.evaluate import evaluate, format_table
+from luvc_common.synthvqa import TASKS, make_example
+
+VALIDATION_SEED = 2000
+
+
+def variants() -> dict:
+    base = method_config("luvc")
+    oim, spu = base.oim, base.spu
+    v = {
+        "luvc (current defaults)": base,
+        "OIM only": replace(base, spu=None),
+        "SPU only": replace(base, oim=None),
+    }
+    for d in (0.0, 0.25, 0.75, 1.0):
+        v[f"oim merge at depth {d}"] = replace(base, oim=replace(oim, merge_depths=(d,)))
+    v["oim first axis h"] = replace(base, oim=replace(oim, first_axis="h"))
+    v["oim grid positions"] = replace(base, oim=replace(oim, positions="grid"))
+    v["oim two steps (0.5, 0.75)"] = replace(base, oim=replace(oim, merge_depths=(0.5, 0.75)))
+    for c in (0.1, 0.5):
+        v[f"spu cutoff {c}"] = replace(base, spu=replace(spu, cutoff=c))
+    v["spu gaussian window"] = replace(base, spu=replace(spu, window="gaussian"))
+    v["spu resample"] = replace(base, spu=replace(spu, mode="resample"))
+    v["spu gentle (0.5:0.5, 0.75:0)"] = replace(base, spu=replace(spu, stages=((0.5, 0.5), (0.75, 0.0))))
+    v["spu late (0.75:0)"] = replace(base, spu=replace(spu, stages=((0.75, 0.0),)))
+    v["spu early (0.25:0.25, 0.5:0.1, 0.75:0)"] = replace(base, spu=replace(spu, stages=((0.25, 0.25), (0.5, 0.1), (0.75, 0.0))))
+    v["OIM + spu late"] = replace(base, spu=SPUConfig(stages=((0.75, 0.0),)))
+    return v
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    args = p.parse_args()
+    examples = []
+    for i in range(args.n):
+        ex = make_example(VALIDATION_SEED, i, TASKS[i % len(TASKS)])
+        examples.append({"image": ex.scene, "question": ex.question, "answer": ex.answer, "task": ex.task})
+    report = evaluate(args.model, examples, variants())
+    table = format_table(report["results"])
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
