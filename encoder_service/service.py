@@ -12,7 +12,7 @@ from luvc_common.messages import encoded_to_proto, media_from_proto
 from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import VisionEncoder
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import Call, Gate, ServerConfig, abort_on_error, get_logger, log, serve
+from luvc_common.serving import Call, Gate, ServerConfig, ServicerBase, abort_on_error, get_logger, log
 from luvc_common.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
@@ -60,15 +60,12 @@ class EncoderService:
         return response
 
 
-class EncoderServicer(luvc_pb2_grpc.EncoderServicer):
-    """The gRPC face of EncoderService, for grpc.aio and for a Ray Serve deployment alike
-    (Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally)."""
+class EncoderServicer(ServicerBase, luvc_pb2_grpc.EncoderServicer):
+    """The gRPC face of EncoderService, for grpc.aio and Ray Serve alike."""
 
-    def __init__(self, config: EncoderConfig, server: ServerConfig, load_now: bool = False):
-        self.service = EncoderService(config, server)
-        if load_now:
-            self.service.load()
-            self.service.gate.ready = True
+    service_class = EncoderService
+    add_to_server = staticmethod(luvc_pb2_grpc.add_EncoderServicer_to_server)
+    service_name = SERVICE_NAME
 
     async def Encode(self, request, grpc_context):
         call = Call.from_context(grpc_context)
@@ -77,9 +74,3 @@ class EncoderServicer(luvc_pb2_grpc.EncoderServicer):
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             await abort_on_error(grpc_context, e, self.service.logger, call)
 
-
-def run(config: EncoderConfig, server: ServerConfig) -> None:
-    servicer = EncoderServicer(config, server)
-    service = servicer.service
-    add = lambda s: luvc_pb2_grpc.add_EncoderServicer_to_server(servicer, s)  # noqa: E731
-    asyncio.run(serve(server, [SERVICE_NAME], add, service.load, service.gate, service.logger))

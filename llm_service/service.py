@@ -13,7 +13,7 @@ from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import EncodedMedia, TextGenerator
 from luvc_common.errors import PromptError
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, abort_on_error, get_logger, log, serve
+from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, ServicerBase, abort_on_error, get_logger, log
 from luvc_common.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
@@ -162,15 +162,12 @@ class LLMService:
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
 
 
-class LLMServicer(luvc_pb2_grpc.LLMServicer):
-    """The gRPC face of LLMService, for grpc.aio and for a Ray Serve deployment alike
-    (Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally)."""
+class LLMServicer(ServicerBase, luvc_pb2_grpc.LLMServicer):
+    """The gRPC face of LLMService, for grpc.aio and Ray Serve alike."""
 
-    def __init__(self, config: LLMConfig, server: ServerConfig, load_now: bool = False):
-        self.service = LLMService(config, server)
-        if load_now:
-            self.service.load()
-            self.service.gate.ready = True
+    service_class = LLMService
+    add_to_server = staticmethod(luvc_pb2_grpc.add_LLMServicer_to_server)
+    service_name = SERVICE_NAME
 
     async def Generate(self, request, grpc_context):
         call = Call.from_context(grpc_context)
@@ -180,9 +177,3 @@ class LLMServicer(luvc_pb2_grpc.LLMServicer):
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             await abort_on_error(grpc_context, e, self.service.logger, call)
 
-
-def run(config: LLMConfig, server: ServerConfig) -> None:
-    servicer = LLMServicer(config, server)
-    service = servicer.service
-    add = lambda s: luvc_pb2_grpc.add_LLMServicer_to_server(servicer, s)  # noqa: E731
-    asyncio.run(serve(server, [SERVICE_NAME], add, service.load, service.gate, service.logger))

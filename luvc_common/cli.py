@@ -49,10 +49,10 @@ def _server_config(args: argparse.Namespace):
 
 
 def cmd_serve_encoder(args: argparse.Namespace) -> int:
-    from encoder_service.service import EncoderConfig, run
+    from encoder_service.service import EncoderConfig, EncoderServicer
     from luvc_common.models.loading import ModelConfig
 
-    run(EncoderConfig(ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype), _server_config(args))
+    EncoderServicer.run(EncoderConfig(ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype), _server_config(args))
     return 0
 
 
@@ -62,14 +62,14 @@ def cmd_serve_llm(args: argparse.Namespace) -> int:
 
         run_llm_on_ray(args.host, args.port, args.encoder, args.model)
         return 0
-    from llm_service.service import LLMConfig, run
+    from llm_service.service import LLMConfig, LLMServicer
     from luvc_common.models.loading import ModelConfig
 
     config = LLMConfig(
         encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype,
         encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
     )
-    run(config, _server_config(args))
+    LLMServicer.run(config, _server_config(args))
     return 0
 
 

@@ -47,35 +47,32 @@ def _autoscaling(args: dict) -> dict:
     return {**AUTOSCALING, **{k: type(v)(args[k]) for k, v in AUTOSCALING.items() if k in args}}
 
 
+def _deployment(servicer, name: str, args: dict):
+    return serve.deployment(
+        servicer,
+        name=name,
+        autoscaling_config=_autoscaling(args),
+        ray_actor_options=actor_options(args),
+        max_ongoing_requests=int(args.get("max_ongoing_requests", 8)),
+    )
+
+
 def llm_app(args: dict):
     """Builder: args encoder (host:port, required), model, encoder_application, and autoscaling /
     actor overrides (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,
-    downscale_delay_s, num_gpus, num_cpus)."""
+    downscale_delay_s, num_gpus, num_cpus, max_ongoing_requests)."""
     config = LLMConfig(
         encoder=args["encoder"],
         model=ModelConfig(args.get("model", str(DEFAULT_MODEL))),
         encoder_application=args.get("encoder_application"),
     )
-    deployment = serve.deployment(
-        LLMServicer,
-        name="llm",
-        autoscaling_config=_autoscaling(args),
-        ray_actor_options=actor_options(args),
-        max_ongoing_requests=int(args.get("max_ongoing_requests", 8)),
-    )
-    return deployment.bind(config, ServerConfig(), load_now=True)
+    return _deployment(LLMServicer, "llm", args).bind(config, ServerConfig(), load_now=True)
 
 
 def encoder_app(args: dict):
     """Builder for the encoder stage as its own autoscaled application: args model and overrides."""
-    deployment = serve.deployment(
-        EncoderServicer,
-        name="encoder",
-        autoscaling_config=_autoscaling(args),
-        ray_actor_options=actor_options(args),
-        max_ongoing_requests=int(args.get("max_ongoing_requests", 8)),
-    )
-    return deployment.bind(EncoderConfig(ModelConfig(args.get("model", str(DEFAULT_MODEL)))), ServerConfig(), load_now=True)
+    config = EncoderConfig(ModelConfig(args.get("model", str(DEFAULT_MODEL))))
+    return _deployment(EncoderServicer, "encoder", args).bind(config, ServerConfig(), load_now=True)
 
 
 def run_llm_on_ray(host: str, port: int, encoder: str, model: str, extra: dict | None = None) -> None:

@@ -168,6 +168,30 @@ async def abort_on_error(context, error: Exception, logger: logging.Logger, call
     raise error
 
 
+class ServicerBase:
+    """What a gRPC servicer shares: it owns one service (`service_class(config, server)`); the
+    same servicer object is hosted by grpc.aio (`run`) or as a Ray Serve deployment (`load_now`).
+    Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally."""
+
+    service_class: type
+    add_to_server: Callable
+    service_name: str
+
+    def __init__(self, config, server: ServerConfig, load_now: bool = False):
+        self.service = self.service_class(config, server)
+        if load_now:
+            self.service.load()
+            self.service.gate.ready = True
+
+    @classmethod
+    def run(cls, config, server: ServerConfig) -> None:
+        """Serve with grpc.aio until SIGTERM (see `serve`)."""
+        servicer = cls(config, server)
+        service = servicer.service
+        add = lambda s: cls.add_to_server(servicer, s)  # noqa: E731
+        asyncio.run(serve(server, [cls.service_name], add, service.load, service.gate, service.logger))
+
+
 async def serve(
     config: ServerConfig,
     service_names: list[str],
