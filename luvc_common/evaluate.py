@@ -169,6 +169,7 @@ def plot(report: dict, path: str | Path) -> None:
         ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel('LLM speedup over "none" (x)')
     ax.set_ylabel("accuracy (exact match)")
+    ax.set_ylim(max(0.0, min(acc) - 0.1) - 0.02, min(1.0, max(acc) + 0.1) + 0.02)
     ax.set_title(f"{Path(report['model']).name}, n={report['n']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

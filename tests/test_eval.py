@@ -7,9 +7,9 @@ import pytest
 
 from luvc_common.cli import main
 from luvc_common.config import SPUConfig, method_config
-from luvc_common.evaluate import config_label, evaluate, score
+from luvc_common.evaluate import _runs, config_label, evaluate, score, synthvqa_test_set
 from luvc_common.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
-from luvc_common.synthvqa import load_jsonl, write_dataset
+from luvc_common.synthvqa import TASKS, load_jsonl, write_dataset
 
 CONFIG = SimpleNamespace(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=10)
 
@@ -19,6 +19,10 @@ def test_layer_flops_by_hand():
     linear = 2 * n * (d * q + 2 * d * kv + q * d + 3 * d * m)
     assert layer_flops(n, CONFIG) == linear + 4 * n * n * q
     assert prefill_flops([n, 3], CONFIG) == layer_flops(n, CONFIG) + layer_flops(3, CONFIG) + 2 * d * 10
+    no_head_dim = SimpleNamespace(**{k: v for k, v in vars(CONFIG).items() if k != "head_dim"})  # hidden / heads = 4
+    assert layer_flops(n, no_head_dim) == layer_flops(n, CONFIG)
+    assert layer_flops(n, SimpleNamespace(**{**vars(CONFIG), "head_dim": 3})) == 2 * n * (d * 6 + 2 * d * 3 + 6 * d + 3 * d * m) + 4 * n * n * 6
+    assert flops_ratio([10], [5], CONFIG) == (layer_flops(10, CONFIG) + 160) / (layer_flops(5, CONFIG) + 160)
 
 
 def test_flops_ratio_orders_methods():
@@ -31,12 +35,28 @@ def test_flops_ratio_orders_methods():
 def test_score_normalises_and_splits_by_task():
     result = score(["color", "color", "read", "chart"], ["Blue.", "red", " 417 ", "b"], ["blue", "green", "417", "B"])
     assert result == {"accuracy": 0.75, "per_task": {"color": 0.5, "read": 1.0, "chart": 1.0}, "n": 4}
+    with pytest.raises(ValueError):
+        score(["color"], ["a", "b"], ["a"])
 
 
 def test_config_labels_name_what_differs():
     assert config_label(method_config("luvc")) == "luvc"
     assert config_label(method_config("luvc", spu=None)) == "luvc[spu=off]"
     assert "spu.mode=resample" in config_label(method_config("luvc", spu=SPUConfig(mode="resample")))
+    assert config_label(method_config("none", spu=SPUConfig())) == "none[spu=on]"
+
+
+def test_none_always_runs_first():
+    runs = _runs([method_config("luvc"), method_config("luvc", spu=None)])
+    assert list(runs) == ["none", "luvc", "luvc[spu=off]"] and runs["none"] == method_config("none")
+    assert list(_runs({"base": method_config("none"), "b1": method_config("luvc")})) == ["base", "b1"]
+    with pytest.raises(ValueError):
+        _runs({"none": method_config("luvc")})
+
+
+def test_default_test_set_is_balanced():
+    data = synthvqa_test_set()
+    assert len(data) == 600 and all(sum(ex["task"] == t for ex in data) == 100 for t in TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +67,14 @@ def data(tmp_path_factory):
 def test_evaluate_reports_every_method_against_none(tiny_qwen2vl, data):
     luvc = method_config("luvc")
     report = evaluate(tiny_qwen2vl, load_jsonl(data), {"luvc": luvc, "luvc-resample": replace(luvc, spu=SPUConfig(mode="resample"))},
-                      progress=False, max_new_tokens=3)
+                      limit=6, progress=False, max_new_tokens=3)
     results = {r["method"]: r for r in report["results"]}
     assert list(results) == ["none", "luvc", "luvc-resample"] and report["n"] == 6
     for r in results.values():
-        assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_task"]) <= {"color", "shape", "count", "position", "read", "chart"}
+        assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_task"]) == set(TASKS)
+        assert all(0.0 <= a <= 1.0 for a in r["per_task"].values())
         assert r["n"] == 6 and r["llm_prefill_speedup"] > 0
-    assert results["none"]["llm_flops_ratio"] == pytest.approx(1.0)
+    assert results["none"]["llm_flops_ratio"] == 1.0 and results["none"]["llm_prefill_speedup"] == 1.0
     assert results["luvc"]["visual_tokens_llm_in"] < results["none"]["visual_tokens_llm_in"] / 1.9
     assert results["luvc"]["llm_flops_ratio"] > 2.0
     assert results["luvc"]["visual_tokens_per_layer"][-1] == 0
@@ -68,3 +89,6 @@ def test_cli_writes_json_and_plot(tiny_qwen2vl, data, tmp_path):
     assert {"method", "accuracy", "per_task", "n", "visual_tokens_llm_in", "llm_flops_ratio", "llm_prefill_speedup"} <= set(report["results"][0])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", "--data", str(tmp_path / "missing.jsonl"), "--model", tiny_qwen2vl]) == 2
+    assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "nope"]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "--limit", "0"])

@@ -247,6 +247,7 @@ class LanguageEngine:
         eos = set(eos if isinstance(eos, list) else [eos])
         t0 = time.perf_counter()
         state = self.prefill(requests, spu_cfg)
+        state.logits.cpu()  # waits for the device, so prefill_ms is not just kernel-launch time on GPU
         t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in requests]
         done = [False] * len(requests)
