@@ -97,11 +97,8 @@ class LLMService:
         t_start = time.perf_counter()
         method = method_config(request.method or self.config.default_method)
         max_new = request.max_new_tokens or self.config.default_max_new_tokens
-        if not request.prompt.strip():
-            raise PromptError("empty prompt")
-        if not 0 < max_new <= self.config.limits.max_new_tokens:
-            raise PromptError(f"max_new_tokens={max_new} is outside [1, {self.config.limits.max_new_tokens}]")
         gen, engine = self.generator, self.generator.engine
+        gen.check(request.prompt, max_new)  # before the encoder is called
         if request.HasField("visual") and request.media:
             raise PromptError("give either media or visual tokens, not both")
         if request.HasField("visual"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-from luvc_common.errors import ConfigError
+from luvc_common.errors import ConfigError, MediaError
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "luvc-tiny-qwen2vl"
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -121,4 +121,10 @@ class Limits:
         for f in fields(self):
             value = getattr(self, f.name)
             _check(isinstance(value, int) and value > 0, f"limits.{f.name}", value, "a positive integer")
+
+    def check_count(self, field_name: str, n: int, what: str) -> None:
+        """Raise MediaError when `n` exceeds the limit `field_name` (max_media or max_frames)."""
+        limit = getattr(self, field_name)
+        if n > limit:
+            raise MediaError(f"{what}: {n} exceeds {field_name}={limit}")
 

@@ -55,8 +55,7 @@ def video_from_frames(frames: list[bytes], limits: Limits, name: str = "video") 
     """A video from encoded frames in order; every frame is resized to the first frame's size."""
     if not frames:
         raise MediaError(f"{name}: no frames")
-    if len(frames) > limits.max_frames:
-        raise MediaError(f"{name}: {len(frames)} frames exceeds max_frames={limits.max_frames}")
+    limits.check_count("max_frames", len(frames), f"{name} frames")
     images = [decode_image(f, limits, f"{name} frame {i}") for i, f in enumerate(frames)]
     return Media("video", [im if im.size == images[0].size else im.resize(images[0].size) for im in images])
 
@@ -66,8 +65,7 @@ def load_video_dir(path: str | Path, limits: Limits) -> Media:
     if not path.is_dir():
         raise MediaError(f"{path}: not a directory of frames")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-    if len(files) > limits.max_frames:
-        raise MediaError(f"{path}: {len(files)} frames exceeds max_frames={limits.max_frames}")
+    limits.check_count("max_frames", len(files), f"{path} frames")  # before reading any file
     return video_from_frames([f.read_bytes() for f in files], limits, str(path))
 
 

@@ -10,8 +10,7 @@ from luvc_common.wire import WIRE_DTYPES, TensorSchema, from_wire, to_wire
 
 
 def media_from_proto(items, limits: Limits) -> list[Media]:
-    if len(items) > limits.max_media:
-        raise MediaError(f"{len(items)} media items exceeds max_media={limits.max_media}")
+    limits.check_count("max_media", len(items), "media items")
     media = []
     for i, item in enumerate(items):
         kind = item.WhichOneof("kind")
@@ -43,8 +42,7 @@ def encoded_to_proto(encoded: EncodedMedia, unit: int, wire_dtype: str, model: s
 
 def encoded_from_proto(msg: luvc_pb2.EncodeResponse, hidden_size: int, unit: int, limits: Limits) -> EncodedMedia:
     """Validate visual tokens received from an encoder (or a client) against this model."""
-    if len(msg.media) > limits.max_media:
-        raise WireError(f"visual: {len(msg.media)} media items exceeds max_media={limits.max_media}")
+    limits.check_count("max_media", len(msg.media), "visual.media items")
     kinds, grids, sources = [], [], []
     for i, m in enumerate(msg.media):
         grid, source = (m.grid.t, m.grid.h, m.grid.w), (m.source_grid.t, m.source_grid.h, m.source_grid.w)

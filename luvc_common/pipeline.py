@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from luvc_common.config import CompressionConfig, Limits, OIMConfig, SPUConfig
+from luvc_common.errors import PromptError
 from luvc_common.media import Media, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
 from luvc_common.models.qwen_language import LanguageEngine, Request
 from luvc_common.models.qwen_vision import encode
-from luvc_common.errors import PromptError
-from luvc_common.prompt import build_prompt_ids
+from luvc_common.prompt import build_prompt_ids, check_question
 
 
 @dataclass
@@ -84,6 +84,12 @@ class TextGenerator:
         self.limits = limits
         self.model_path = model_cfg.path
 
+    def check(self, question: str, max_new_tokens: int) -> None:
+        """Request checks that need no media, so a service can fail fast before calling the encoder."""
+        check_question(question)
+        if not 0 < max_new_tokens <= self.limits.max_new_tokens:
+            raise PromptError(f"max_new_tokens={max_new_tokens} is outside [1, {self.limits.max_new_tokens}]")
+
     def prompt_ids(self, question: str, encoded: EncodedMedia) -> list[int]:
         counts = encoded.token_counts(self.engine.unit)
         return build_prompt_ids(self.tokenizer, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
@@ -91,8 +97,7 @@ class TextGenerator:
     def generate(
         self, question: str, encoded: EncodedMedia, spu: SPUConfig | None, max_new_tokens: int, method: str, on_step=None
     ) -> GenerateResult:
-        if not 0 < max_new_tokens <= self.limits.max_new_tokens:
-            raise PromptError(f"max_new_tokens={max_new_tokens} is outside [1, {self.limits.max_new_tokens}]")
+        self.check(question, max_new_tokens)
         ids = self.prompt_ids(question, encoded)
         gen = self.engine.generate([Request(ids, encoded.embeds, encoded.grids)], spu, max_new_tokens, on_step=on_step)
         tokens = gen.token_ids[0]
@@ -119,8 +124,7 @@ class Pipeline:
         self.limits = limits
 
     def generate(self, media: list[Media], question: str, compression: CompressionConfig, max_new_tokens: int = 32) -> GenerateResult:
-        if len(media) > self.limits.max_media:
-            raise PromptError(f"{len(media)} media items exceeds max_media={self.limits.max_media}")
+        self.limits.check_count("max_media", len(media), "media items")
         t0 = time.perf_counter()
         encoded = self.encoder.encode(media, compression.oim)
         result = self.generator.generate(question, encoded, compression.spu, max_new_tokens, compression.method)

@@ -20,16 +20,21 @@ def _marks_in_order(text: str) -> list[str]:
         i = pos + len(MARKS[kind])
 
 
+def check_question(question: str) -> None:
+    """A question must have text and must not smuggle in the chat or vision special tokens."""
+    if not question.strip():
+        raise PromptError("empty prompt")
+    if any(tok in question for tok in RESERVED):
+        raise PromptError(f"prompt contains a reserved special token (one of {RESERVED})")
+
+
 def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: list[int], max_tokens: int) -> list[int]:
     """Token ids of a one-turn chat prompt asking `question` about the media items.
 
     `<image>` / `<video>` markers in the question place the items; without markers all items go
     first, in order. Each item's placeholder token is repeated token_counts[i] times.
     """
-    if not question.strip():
-        raise PromptError("empty prompt")
-    if any(tok in question for tok in RESERVED):
-        raise PromptError(f"prompt contains a reserved special token (one of {RESERVED})")
+    check_question(question)
     marks = _marks_in_order(question)
     if not marks:
         question = "".join(MARKS[k] for k in kinds) + question

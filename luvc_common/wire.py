@@ -68,6 +68,3 @@ def from_wire(msg: luvc_pb2.Tensor, schema: TensorSchema) -> torch.Tensor:
         raise WireError(f"{schema.name}: contains NaN or infinite values")
     return tensor
 
-
-def nbytes(msg: luvc_pb2.Tensor) -> int:
-    return len(msg.data)

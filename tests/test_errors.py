@@ -73,7 +73,7 @@ def test_request_limits(pipeline, demo_image):
     assert pipeline.generate([demo_image], "What?", method_config("none"), 2)  # 299 visual + text fits
     with pytest.raises(PromptError, match="max_prompt_tokens=400"):
         pipeline.generate([demo_image, demo_image], "What?", method_config("none"), 2)
-    with pytest.raises(PromptError, match="max_media=2"):
+    with pytest.raises(MediaError, match="max_media=2"):
         pipeline.generate([demo_image] * 3, "What?", method_config("luvc"), 2)
     with pytest.raises(PromptError, match="max_new_tokens"):
         pipeline.generate([demo_image], "What?", method_config("luvc"), 0)

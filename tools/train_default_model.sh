@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default model models/luvc-tiny-qwen2vl: a tiny Qwen2-VL (3.5M parameters)
 # trained from scratch on SynthVQA (training seed 1000, 224x224 max) for 31 min on 2 CPU threads, then exported as bf16.
-# Resumable: rerunning continues from runs/train/ckpt.pt. Evaluate with tools/train_eval.py.
+# Resumable: rerunning continues from runs/train/ckpt.pt. Evaluate with `luvc eval --methods none,luvc`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs/train

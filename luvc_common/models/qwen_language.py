@@ -151,7 +151,7 @@ class LanguageEngine:
                         for b in range(len(requests))]
                 hidden, cos, sin, source, valid = _pad_rows(rows)
             for b in range(len(requests)):
-                visual_per_layer[b].append(sum(int(((source[b] >= s.start) & (source[b] < s.start + s.length)).sum()) for s in spans[b]))
+                visual_per_layer[b].append(sum(len(self._members(source[b], s)) for s in spans[b]))
             layer_valid.append(valid)
             hidden = layer(
                 hidden,
