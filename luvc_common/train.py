@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision-dim", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
+    p.add_argument("--init", default=None, help="warm start: model weights from another run's ckpt.pt (fresh optimizer and schedule)")
     p.add_argument("--export", default=None, help="write the final HF model directory here")
     p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
@@ -199,6 +200,8 @@ def train(args: argparse.Namespace) -> dict:
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
     step = load_checkpoint(ckpt, model, optimizer, schedule) if args.resume and ckpt.exists() else 0
+    if step == 0 and args.init:
+        model.load_state_dict(torch.load(args.init, weights_only=False)["model"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters; starting at step {step}/{args.steps}", flush=True)
     val = [make_batch(VAL_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
