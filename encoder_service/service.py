@@ -44,7 +44,7 @@ class EncoderService:
     def load(self) -> None:
         self.encoder = VisionEncoder(self.config.model)
         blank = Media("image", [Image.new("RGB", (224, 224), "white")])
-        self.encoder.encode([blank], method_config(self.config.default_method).oim)  # warm up before SERVING
+        self.encoder.encode([blank], method_config(self.config.default_method))  # warm up before SERVING
 
     async def encode(self, request: luvc_pb2.EncodeRequest, call: Call) -> luvc_pb2.EncodeResponse:
         self.gate.admit(call)
@@ -52,7 +52,7 @@ class EncoderService:
         dtype = wire_dtype(request.wire_dtype or self.config.default_wire_dtype)
         media = media_from_proto(request.media, self.config.limits)
         async with self.gate:
-            encoded = await asyncio.to_thread(self.encoder.encode, media, method.oim)
+            encoded = await asyncio.to_thread(self.encoder.encode, media, method)
         response = encoded_to_proto(encoded, self.encoder.unit, dtype, self.config.model.path)
         log(self.logger, "encoded", request_id=call.request_id, method=method.method, media=len(media),
             vit_patches=encoded.vit_patches, tokens=len(encoded.embeds), payload_bytes=len(response.tokens.data),

@@ -58,7 +58,7 @@ class LLMService:
     def load(self) -> None:
         self.generator = TextGenerator(self.config.model, self.config.limits)
         nothing = EncodedMedia.empty(self.generator.engine.config.text_config.hidden_size)
-        self.generator.generate("warm up", nothing, None, 2, "none")  # first-call costs before SERVING
+        self.generator.generate("warm up", nothing, method_config("none"), 2)  # first-call costs before SERVING
 
     def _encoder(self):
         if self._encoder_stub is None:  # channels bind to the running event loop: create lazily
@@ -95,7 +95,8 @@ class LLMService:
         """Yield GenerateResponse chunks of new text; the last one carries GenerateStats."""
         self.gate.admit(call)
         t_start = time.perf_counter()
-        method = method_config(request.method or self.config.default_method)
+        spec = request.method or self.config.default_method
+        method = method_config(spec)
         max_new = request.max_new_tokens or self.config.default_max_new_tokens
         gen, engine = self.generator, self.generator.engine
         gen.check(request.prompt, max_new)  # before the encoder is called
@@ -104,7 +105,7 @@ class LLMService:
         if request.HasField("visual"):
             visual, round_trip_ms = request.visual, 0.0
         elif request.media:
-            visual, round_trip_ms = await self._encode(request, method.method, call)
+            visual, round_trip_ms = await self._encode(request, spec, call)
         else:
             visual, round_trip_ms = None, 0.0
         if visual is None:
@@ -122,7 +123,7 @@ class LLMService:
 
         def run():
             try:
-                return gen.generate(request.prompt, encoded, method.spu, max_new, method.method, on_step=on_step)
+                return gen.generate(request.prompt, encoded, method, max_new, on_step=on_step)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
@@ -147,13 +148,13 @@ class LLMService:
         }
         v = result.visual_tokens
         stats = luvc_pb2.GenerateStats(
-            request_id=call.request_id, model=result.model, method=method.method, prompt_ids=result.prompt_ids,
+            request_id=call.request_id, model=result.model, method=spec, prompt_ids=result.prompt_ids,
             token_ids=result.token_ids, text=result.text, vit_patches=v["vit_patches"], encoder_out=v["encoder_out"],
             llm_per_layer=v["llm_per_layer"], payload_bytes=payload,
             payload_bytes_uncompressed=uncompressed_payload_bytes(visual, engine.unit) if visual is not None else 0,
             timings_ms=timings,
         )
-        log(self.logger, "generated", request_id=call.request_id, method=method.method, prompt_tokens=len(result.prompt_ids),
+        log(self.logger, "generated", request_id=call.request_id, method=spec, prompt_tokens=len(result.prompt_ids),
             new_tokens=len(result.token_ids), llm_per_layer=v["llm_per_layer"], payload_bytes=payload,
             **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)

@@ -7,6 +7,9 @@ import os
 import sys
 
 from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, Limits, method_config
+
+METHOD_HELP = (f"compression method: one of {', '.join(METHOD_NAMES)}; baselines take a budget, "
+               "e.g. tome:keep=0.25 or fastv:keep=0.25,layer=0.1 (default: luvc)")
 from luvc_common.errors import UserError
 
 
@@ -167,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], metavar="PATH")
     g.add_argument("--video", metavar="DIR_OF_FRAMES")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--method", default="luvc", choices=METHOD_NAMES)
+    g.add_argument("--method", default="luvc", help=METHOD_HELP)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _model_args(g)
@@ -198,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", action="append", default=[], metavar="PATH")
     c.add_argument("--video", metavar="DIR_OF_FRAMES")
     c.add_argument("--prompt", required=True)
-    c.add_argument("--method", default="luvc", choices=METHOD_NAMES)
+    c.add_argument("--method", default="luvc", help=METHOD_HELP)
     c.add_argument("--max-new-tokens", type=int, default=32)
     c.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     c.add_argument("--json", action="store_true")

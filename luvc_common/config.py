@@ -78,6 +78,32 @@ class SPUConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """Token budget and knobs of the baseline methods (luvc_common/compression/baselines.py)."""
+
+    keep_ratio: float = 0.25
+    """Visual tokens kept, as a fraction of the uncompressed count, in (0, 1]. "pool" rounds it to
+    a power of 1/2 (one 2x pooling step per halving, axes alternating)."""
+    layer: float = 2 / 28
+    """fastv, dart: relative LLM depth of the pruning layer K (the papers' K=2 of 28 layers); it
+    resolves to at least layer 1, since the scores come from layer K-1."""
+    dominant: float = 54 / 64
+    """visionzip: share of the kept tokens that are dominant (the paper's 54 of 64); the rest are
+    contextual."""
+    pivots: tuple[int, int] = (4, 4)
+    """dart: (image, text) pivot tokens (the official default)."""
+    seed: int = 0
+    """random: seed of the kept subset."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.keep_ratio <= 1.0, "keep_ratio", self.keep_ratio, "a value in (0, 1]")
+        _check(0.0 <= self.layer < 1.0, "layer", self.layer, "a relative depth in [0, 1)")
+        _check(0.0 <= self.dominant <= 1.0, "dominant", self.dominant, "a value in [0, 1]")
+        object.__setattr__(self, "pivots", tuple(int(v) for v in self.pivots))
+        _check(len(self.pivots) == 2 and min(self.pivots) >= 0, "pivots", self.pivots, "(image, text) counts >= 0")
+
+
+@dataclass(frozen=True)
 class CompressionConfig:
     """Which visual-token compression a request uses, with its knobs."""
 
@@ -87,18 +113,51 @@ class CompressionConfig:
     """Vision-side merging; None disables it."""
     spu: SPUConfig | None = field(default_factory=SPUConfig)
     """LLM-side pruning cascade; None disables it."""
+    baseline: BaselineConfig | None = None
+    """Budget of a baseline method; set exactly when `method` is one of BASELINES."""
 
     def __post_init__(self) -> None:
         _check(self.method in METHOD_NAMES, "method", self.method, f"one of {list(METHOD_NAMES)}")
+        is_baseline = self.method in BASELINES
+        _check((self.baseline is not None) == is_baseline, "baseline", self.baseline,
+               f"{'a BaselineConfig' if is_baseline else 'None'} for method {self.method!r}")
+        if is_baseline:
+            _check(self.oim is None and self.spu is None, "method", self.method, "a baseline without oim or spu")
 
 
-METHOD_NAMES = ("none", "luvc")
+VISION_BASELINES = ("tome", "visionzip", "pool", "random")
+"""Baselines that act in the encoder: fewer tokens cross the wire."""
+LLM_BASELINES = ("fastv", "dart")
+"""Baselines that prune inside the LLM."""
+BASELINES = VISION_BASELINES + LLM_BASELINES
+METHOD_NAMES = ("none", "luvc") + BASELINES
+
+_SPEC_KEYS = {"keep": ("keep_ratio", float), "layer": ("layer", float), "dominant": ("dominant", float),
+              "seed": ("seed", int)}
 
 
-def method_config(name: str, **overrides: Any) -> CompressionConfig:
-    """The default configuration of method `name`, with optional field overrides."""
+def method_config(spec: str, **overrides: Any) -> CompressionConfig:
+    """The configuration of a method spec, with optional field overrides.
+
+    A spec is a method name, optionally with baseline knobs: "fastv", "tome:keep=0.125",
+    "dart:keep=0.25,layer=0.1", "random:keep=0.5,seed=3" (keys: keep, layer, dominant, seed).
+    """
+    name, _, args = spec.strip().partition(":")
     _check(name in METHOD_NAMES, "method", name, f"one of {list(METHOD_NAMES)}")
-    base = CompressionConfig(method=name, oim=None, spu=None) if name == "none" else CompressionConfig(method=name)
+    knobs = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        _check(name in BASELINES and key in _SPEC_KEYS and eq == "=", "method", spec,
+               f"name[:key=value,...] with keys {list(_SPEC_KEYS)} for baselines {list(BASELINES)}")
+        field_name, kind = _SPEC_KEYS[key]
+        try:
+            knobs[field_name] = kind(value)
+        except ValueError:
+            raise ConfigError(f"method={spec!r}: {key}={value!r} is not a {kind.__name__}") from None
+    if name == "luvc":
+        base = CompressionConfig(method=name)
+    else:
+        base = CompressionConfig(method=name, oim=None, spu=None, baseline=BaselineConfig(**knobs) if name in BASELINES else None)
     return replace(base, **overrides)
 
 

@@ -1,30 +1,41 @@
 """`luvc eval`: accuracy and LLM cost of visual-token compression methods on a VQA set.
 
-Every example is encoded once per distinct OIM setting and answered greedily by every method
+Every example is encoded once per distinct vision-side setting and answered greedily by every method
 (methods interleaved per example, so all see the same machine load). Per method: exact-match
 accuracy after normalize_answer, overall and per task; mean visual tokens entering the LLM; the
 theoretical LLM prefill FLOPs ratio (uncompressed / method, summed over the set, see flops.py);
 and the measured prefill speedup (median prefill time of "none" / the method's). "none" always
 runs: it is the baseline of the speedup.
 
+Baselines named without a budget ("tome", not "tome:keep=0.25") run at the keep ratio whose theoretical
+FLOPs ratio matches the reference method's (luvc by default), measured on the first examples; with
+--sweep every method runs at several budgets and the plot draws one curve per method.
+
     luvc eval --methods none,luvc --limit 60 --json eval.json --plot eval.png
+    luvc eval --methods luvc,fastv,tome,visionzip,dart,pool,random --sweep --plot sweep.png
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, CompressionConfig, method_config
+from luvc_common.config import (BASELINES, DEFAULT_MODEL, LLM_BASELINES, METHOD_NAMES, VISION_BASELINES, BaselineConfig,
+                                CompressionConfig, OIMConfig, method_config)
 from luvc_common.errors import UserError
 
 TEST_SEED, TEST_N = 3000, 600
 """The bundled SynthVQA test split: make_example(3000, i) for i < 600 (100 per task)."""
 BASELINE = method_config("none")
+SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
+"""Keep ratios of each baseline under --sweep."""
+SWEEP_LUVC = {"luvc:oim=0": OIMConfig(merge_depths=()), "luvc": OIMConfig(), "luvc:oim=2": OIMConfig(merge_depths=(0.25, 0.75))}
+"""luvc's --sweep points: 0, 1 (default) or 2 OIM merge steps, each with the default SPU cascade."""
 
 
 def synthvqa_test_set(n: int = TEST_N) -> list[dict]:
@@ -46,9 +57,17 @@ def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[st
     return {"accuracy": sum(map(sum, hits.values())) / max(n, 1), "per_task": {t: sum(h) / len(h) for t, h in hits.items()}, "n": n}
 
 
+_SPEC_NAMES = {"keep_ratio": "keep", "layer": "layer", "dominant": "dominant", "seed": "seed", "pivots": "pivots"}
+
+
 def config_label(cfg: CompressionConfig) -> str:
-    """The method name for its default configuration, else `method[knob=value, ...]` naming what differs."""
+    """The method name for its default configuration, else `method[knob=value, ...]` naming what differs
+    (baselines: their method spec, e.g. "tome:keep=0.125")."""
     default, diffs = method_config(cfg.method), []
+    if cfg.method in BASELINES and cfg.oim is None and cfg.spu is None:
+        knobs = [f"{_SPEC_NAMES[f.name]}={getattr(cfg.baseline, f.name):g}" for f in fields(BaselineConfig)
+                 if f.name != "pivots" and getattr(cfg.baseline, f.name) != getattr(default.baseline, f.name)]
+        return f"{cfg.method}:{','.join(knobs)}" if knobs else cfg.method
     for part in ("oim", "spu"):
         mine, ref = getattr(cfg, part), getattr(default, part)
         if mine == ref:
@@ -101,24 +120,26 @@ def evaluate(
     if not examples:
         raise UserError("no examples to evaluate")
     runs = _runs(methods)
-    by_oim: dict = defaultdict(list)
+    by_vision: dict = defaultdict(list)
     for label, cfg in runs.items():
-        by_oim[cfg.oim].append(label)
+        by_vision[_vision_key(cfg)].append(label)
     pipe = Pipeline(ModelConfig(str(model_dir)))
     engine = pipe.generator.engine
     text_config = engine.config.text_config
     rows: dict[str, list[tuple[str, int, list[int], float, float]]] = {label: [] for label in runs}
-    base_flops = 0.0
+    base_flops, text_counts, visual_counts = 0.0, [], []
     for ex in tqdm(examples, desc="eval", unit="ex", disable=not progress):
         media = [_media(ex["image"], pipe.limits)]
-        for oim, labels in by_oim.items():
-            encoded = pipe.encoder.encode(media, oim)
+        for labels in by_vision.values():
+            encoded = pipe.encoder.encode(media, runs[labels[0]])
             for label in labels:
-                r = pipe.generator.generate(ex["question"], encoded, runs[label].spu, max_new_tokens, label)
+                r = pipe.generator.generate(ex["question"], encoded, runs[label], max_new_tokens)
                 vis = r.visual_tokens
-                text_tokens = len(r.prompt_ids) - vis["encoder_out"]
+                text_tokens = len(r.prompt_ids) - sum(encoded.grid_counts(engine.unit))
                 flops = prefill_flops([text_tokens + k for k in vis["llm_per_layer"]], text_config)
                 rows[label].append((r.text, vis["encoder_out"], vis["llm_per_layer"], flops, r.timings_ms["prefill"]))
+        text_counts.append(text_tokens)
+        visual_counts.append(sum(t * h * w for t, h, w in encoded.source_grids) // engine.unit**2)
         base_flops += prefill_flops(uncompressed_tokens_per_layer(text_tokens, encoded.source_grids, engine.num_layers, engine.unit), text_config)
 
     base_ms = statistics.median(row[4] for row in rows[next(iter(runs))])
@@ -134,7 +155,38 @@ def evaluate(
             "llm_prefill_speedup": base_ms / statistics.median(prefill_ms),
             "prefill_ms_median": statistics.median(prefill_ms),
         })
-    return {"model": str(model_dir), "n": len(examples), "max_new_tokens": max_new_tokens, "results": results}
+    return {"model": str(model_dir), "n": len(examples), "max_new_tokens": max_new_tokens,
+            "text_tokens": statistics.fmean(text_counts), "visual_tokens_uncompressed": statistics.fmean(visual_counts),
+            "results": results}
+
+
+def _vision_key(cfg: CompressionConfig) -> tuple:
+    """Configs with equal keys get the same encoder output."""
+    return (cfg.oim, cfg.method, cfg.baseline) if cfg.method in VISION_BASELINES else (cfg.oim,)
+
+
+def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequence[CompressionConfig],
+                  reference: CompressionConfig, probe: int = 8) -> list[CompressionConfig]:
+    """Give each baseline the keep ratio whose theoretical LLM FLOPs ratio equals the reference
+    method's, both computed on the first `probe` examples (mean text and visual tokens)."""
+    report = evaluate(model_dir, examples[:probe], {"ref": reference}, progress=False, max_new_tokens=1)
+    from transformers import AutoConfig
+
+    from luvc_common.flops import matched_keep_ratio
+
+    ref = next(r for r in report["results"] if r["method"] == "ref")
+    text_config, layers = AutoConfig.from_pretrained(model_dir).text_config, len(ref["visual_tokens_per_layer"])
+    visual, text = report["visual_tokens_uncompressed"], report["text_tokens"]
+    matched = []
+    for cfg in methods:
+        if cfg.method in BASELINES:
+            start = max(1, round(cfg.baseline.layer * layers)) if cfg.method in LLM_BASELINES else 0
+            k = matched_keep_ratio(ref["llm_flops_ratio"], round(text), round(visual), text_config, layers, start)
+            if cfg.method == "pool":  # powers of 1/2 only: the nearest in log scale
+                k = 0.5 ** max(0, round(-math.log2(k)))
+            cfg = replace(cfg, baseline=replace(cfg.baseline, keep_ratio=k))
+        matched.append(cfg)
+    return matched
 
 
 def format_table(results: list[dict]) -> str:

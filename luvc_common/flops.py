@@ -38,3 +38,23 @@ def flops_ratio(base_tokens_per_layer: list[int], method_tokens_per_layer: list[
 def uncompressed_tokens_per_layer(text_tokens: int, source_grids: list[tuple[int, int, int]], num_layers: int, unit: int = 2) -> list[int]:
     """Tokens entering each layer without compression: text plus t*h*w / unit^2 visual tokens per item."""
     return [text_tokens + sum(t * h * w // unit**2 for t, h, w in source_grids)] * num_layers
+
+
+def matched_keep_ratio(target_ratio: float, text_tokens: int, visual_tokens: int, text_config, num_layers: int,
+                       start_layer: int = 0) -> float:
+    """The keep ratio k at which a method that keeps k * visual_tokens from layer `start_layer` on
+    (0: before the LLM, i.e. in the encoder) has the theoretical FLOPs ratio `target_ratio`; 1.0 when
+    even keeping everything is cheap enough, the smallest ratio keeping one token when nothing is."""
+    base = [text_tokens + visual_tokens] * num_layers
+
+    def ratio(k: float) -> float:
+        kept = text_tokens + max(1, round(k * visual_tokens))
+        return flops_ratio(base, base[:start_layer] + [kept] * (num_layers - start_layer), text_config)
+
+    lo, hi = 1.0 / max(visual_tokens, 1), 1.0
+    if ratio(hi) >= target_ratio or ratio(lo) <= target_ratio:
+        return hi if ratio(hi) >= target_ratio else lo
+    for _ in range(40):  # ratio(k) falls as k grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) > target_ratio else (lo, mid)
+    return hi

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from luvc_common.config import CompressionConfig, Limits, OIMConfig, SPUConfig
+from luvc_common.config import CompressionConfig, Limits
 from luvc_common.errors import PromptError
 from luvc_common.media import Media, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
@@ -33,14 +33,25 @@ class EncodedMedia:
     """ViT grid per item before merging."""
     vit_patches: int
     encode_ms: float = 0.0
+    cells: list[Tensor | None] | None = None
+    """Per item, the LLM-token raster cells of `grids` its tokens sit on (a subset, increasing), or
+    None when the item fills its grid; None for all items when no item is a subset."""
+
+    def __post_init__(self) -> None:
+        self.cells = self.cells or [None] * len(self.grids)
 
     @classmethod
     def empty(cls, hidden_size: int) -> "EncodedMedia":
         """No media: a text-only request."""
         return cls(torch.zeros(0, hidden_size), [], [], [], 0)
 
-    def token_counts(self, unit: int) -> list[int]:
+    def grid_counts(self, unit: int) -> list[int]:
+        """LLM tokens of each item's full grid: its placeholders in the prompt."""
         return [t * h * w // unit**2 for t, h, w in self.grids]
+
+    def token_counts(self, unit: int) -> list[int]:
+        """Visual tokens actually present per item (rows of `embeds`)."""
+        return [n if c is None else len(c) for n, c in zip(self.grid_counts(unit), self.cells)]
 
 
 @dataclass
@@ -64,16 +75,16 @@ class VisionEncoder:
         self.unit = self.visual.spatial_merge_size
 
     @torch.no_grad()
-    def encode(self, media: list[Media], oim: OIMConfig | None) -> EncodedMedia:
+    def encode(self, media: list[Media], compression: CompressionConfig) -> EncodedMedia:
         t0 = time.perf_counter()
         if not media:
             return EncodedMedia.empty(self.visual.merger.mlp[-1].out_features)
         pixels, grid_thw = patchify(media, self.image_processor)
-        embeds, merged = encode(self.visual, pixels, grid_thw, oim)
+        out = encode(self.visual, pixels, grid_thw, compression)
         as_tuples = lambda g: [tuple(int(v) for v in row) for row in g.tolist()]  # noqa: E731
         return EncodedMedia(
-            embeds=embeds, kinds=[m.kind for m in media], grids=as_tuples(merged), source_grids=as_tuples(grid_thw),
-            vit_patches=int(grid_thw.prod(1).sum()), encode_ms=(time.perf_counter() - t0) * 1e3,
+            embeds=out.embeds, kinds=[m.kind for m in media], grids=as_tuples(out.grids), source_grids=as_tuples(grid_thw),
+            vit_patches=int(grid_thw.prod(1).sum()), encode_ms=(time.perf_counter() - t0) * 1e3, cells=out.cells,
         )
 
 
@@ -91,18 +102,19 @@ class TextGenerator:
             raise PromptError(f"max_new_tokens={max_new_tokens} is outside [1, {self.limits.max_new_tokens}]")
 
     def prompt_ids(self, question: str, encoded: EncodedMedia) -> list[int]:
-        counts = encoded.token_counts(self.engine.unit)
+        counts = encoded.grid_counts(self.engine.unit)
         return build_prompt_ids(self.tokenizer, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
 
     def generate(
-        self, question: str, encoded: EncodedMedia, spu: SPUConfig | None, max_new_tokens: int, method: str, on_step=None
+        self, question: str, encoded: EncodedMedia, compression: CompressionConfig, max_new_tokens: int, on_step=None
     ) -> GenerateResult:
         self.check(question, max_new_tokens)
         ids = self.prompt_ids(question, encoded)
-        gen = self.engine.generate([Request(ids, encoded.embeds, encoded.grids)], spu, max_new_tokens, on_step=on_step)
+        request = Request(ids, encoded.embeds, encoded.grids, encoded.cells)
+        gen = self.engine.generate([request], compression, max_new_tokens, on_step=on_step)
         tokens = gen.token_ids[0]
         return GenerateResult(
-            model=self.model_path, method=method, prompt_ids=ids, token_ids=tokens,
+            model=self.model_path, method=compression.method, prompt_ids=ids, token_ids=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             visual_tokens={
                 "vit_patches": encoded.vit_patches,
@@ -126,7 +138,7 @@ class Pipeline:
     def generate(self, media: list[Media], question: str, compression: CompressionConfig, max_new_tokens: int = 32) -> GenerateResult:
         self.limits.check_count("max_media", len(media), "media items")
         t0 = time.perf_counter()
-        encoded = self.encoder.encode(media, compression.oim)
-        result = self.generator.generate(question, encoded, compression.spu, max_new_tokens, compression.method)
+        encoded = self.encoder.encode(media, compression)
+        result = self.generator.generate(question, encoded, compression, max_new_tokens)
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
         return result

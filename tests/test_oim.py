@@ -9,11 +9,17 @@ from luvc_common.compression.oim import (
     merged_length,
     raster_to_block_major,
 )
-from luvc_common.config import OIMConfig
+from luvc_common.config import OIMConfig, method_config
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_vision import encode
 from transformers.vision_utils import get_vision_position_ids
+
+
+def _encode(visual, pixels, grids, oim=None):
+    """(projector output, merged grids) of the tower with OIM steps `oim` (None: no merging)."""
+    out = encode(visual, pixels, grids, method_config("luvc", oim=oim, spu=None))
+    return out.embeds, out.grids
 
 
 def test_block_major_order_matches_transformers_positions():
@@ -100,14 +106,14 @@ def _pixels(seed=0):
 def test_no_merge_equals_stock_vision_forward(visual):
     px = _pixels()
     stock = visual(px, grid_thw=GRIDS).pooler_output
-    ours, grids = encode(visual, px, GRIDS)
+    ours, grids = _encode(visual, px, GRIDS)
     assert torch.equal(grids, GRIDS)
     assert torch.allclose(ours, stock, atol=1e-5)
 
 
 def test_schedule_sets_grids_and_counts(visual):
     px = _pixels()
-    out, grids = encode(visual, px, GRIDS, OIMConfig(merge_depths=(0.25, 0.5, 1.0), first_axis="w"))
+    out, grids = _encode(visual, px, GRIDS, OIMConfig(merge_depths=(0.25, 0.5, 1.0), first_axis="w"))
     # w, then h, then w again; each side stays a multiple of 2
     assert grids.tolist() == [[1, 8, 4], [1, 8, 6], [2, 4, 2]]
     assert len(out) == int(grids.prod(1).sum()) // 4
@@ -115,13 +121,13 @@ def test_schedule_sets_grids_and_counts(visual):
 
 def test_default_oim_halves_encoder_output(visual):
     px = _pixels()
-    full, _ = encode(visual, px[: 16 * 16], GRIDS[:1])
-    half, grids = encode(visual, px[: 16 * 16], GRIDS[:1], OIMConfig())
+    full, _ = _encode(visual, px[: 16 * 16], GRIDS[:1])
+    half, grids = _encode(visual, px[: 16 * 16], GRIDS[:1], OIMConfig())
     assert len(half) * 2 == len(full) and grids.tolist() == [[1, 16, 8]]
     # odd half-width (26 -> 13 LLM columns): still at most half
     odd = torch.tensor([[1, 18, 26]])
-    full, _ = encode(visual, px[: 18 * 26], odd)
-    half, _ = encode(visual, px[: 18 * 26], odd, OIMConfig())
+    full, _ = _encode(visual, px[: 18 * 26], odd)
+    half, _ = _encode(visual, px[: 18 * 26], odd, OIMConfig())
     assert len(half) * 2 <= len(full)
 
 
@@ -129,8 +135,8 @@ def test_merging_changes_features_only_where_merged(visual):
     """A merge at the very end averages the final block outputs; the projector sees the means."""
     px = _pixels()[: 16 * 16]
     grid = GRIDS[:1]
-    out_end, g = encode(visual, px, grid, OIMConfig(merge_depths=(1.0,)))
-    out_mid, _ = encode(visual, px, grid, OIMConfig(merge_depths=(0.5,)))
+    out_end, g = _encode(visual, px, grid, OIMConfig(merge_depths=(1.0,)))
+    out_mid, _ = _encode(visual, px, grid, OIMConfig(merge_depths=(0.5,)))
     assert g.tolist() == [[1, 16, 8]] and not torch.allclose(out_end, out_mid)
 
 

@@ -91,11 +91,11 @@ def pipeline(tiny_model):
 
 def test_counts_follow_schedule_and_text_is_untouched(pipeline, demo_image, demo_video):
     gen = pipeline.generator
-    encoded = pipeline.encoder.encode([demo_image, demo_video], method_config("luvc").oim)
+    encoded = pipeline.encoder.encode([demo_image, demo_video], method_config("luvc"))
     ids = gen.prompt_ids("What color is the circle?", encoded)
     n_visual = len(encoded.embeds)
     spu_cfg = SPUConfig(stages=((0.25, 0.5), (0.5, 0.2), (0.75, 0.0)))
-    state = gen.engine.prefill([_request(ids, encoded)], spu_cfg)
+    state = gen.engine.prefill([_request(ids, encoded)], method_config("luvc", spu=spu_cfg))
     per_item = encoded.token_counts(2)
     expected_visual = [n_visual, *(sum(round(r * n) for n in per_item) for r in (0.5, 0.2, 0.0))]
     assert state.visual_per_layer[0] == expected_visual
@@ -118,13 +118,13 @@ def test_cached_decode_equals_recomputation(pipeline, demo_image, method):
     fresh prefill of the whole pruned sequence (visual tokens precede them, so pruning is the same)."""
     gen = pipeline.generator
     cfg = method_config(method)
-    encoded = pipeline.encoder.encode([demo_image], cfg.oim)
+    encoded = pipeline.encoder.encode([demo_image], cfg)
     ids = gen.prompt_ids("What color is the circle?", encoded)
     continuation = gen.tokenizer("the circle is blue and small", add_special_tokens=False)["input_ids"]
-    state = gen.engine.prefill([_request(ids, encoded)], cfg.spu)
+    state = gen.engine.prefill([_request(ids, encoded)], cfg)
     for k, token in enumerate(continuation):
         cached = gen.engine.decode_step(state, torch.tensor([token]))
-        fresh = gen.engine.prefill([_request(ids + continuation[: k + 1], encoded)], cfg.spu)
+        fresh = gen.engine.prefill([_request(ids + continuation[: k + 1], encoded)], cfg)
         assert torch.allclose(fresh.logits, cached, atol=1e-4), f"step {k}"
     assert fresh.visual_per_layer == state.visual_per_layer
 
@@ -132,12 +132,12 @@ def test_cached_decode_equals_recomputation(pipeline, demo_image, method):
 def test_batch_with_padding_equals_requests_alone(pipeline, demo_image, demo_video):
     gen = pipeline.generator
     cfg = method_config("luvc")
-    a = pipeline.encoder.encode([demo_image], cfg.oim)
-    b = pipeline.encoder.encode([demo_video], cfg.oim)
+    a = pipeline.encoder.encode([demo_image], cfg)
+    b = pipeline.encoder.encode([demo_video], cfg)
     ra = _request(gen.prompt_ids("What color is the circle?", a), a)
     rb = _request(gen.prompt_ids("Where is the red square?", b), b)
-    together = gen.engine.generate([ra, rb], cfg.spu, 6, keep_logits=True)
-    alone = [gen.engine.generate([r], cfg.spu, 6, keep_logits=True) for r in (ra, rb)]
+    together = gen.engine.generate([ra, rb], cfg, 6, keep_logits=True)
+    alone = [gen.engine.generate([r], cfg, 6, keep_logits=True) for r in (ra, rb)]
     assert together.token_ids == [alone[0].token_ids[0], alone[1].token_ids[0]]
     assert together.visual_per_layer == [alone[0].visual_per_layer[0], alone[1].visual_per_layer[0]]
     assert torch.allclose(together.step_logits[0][0], alone[0].step_logits[0][0], atol=1e-4)
@@ -163,17 +163,17 @@ def test_spectral_resample_keeps_low_frequencies_on_a_smaller_grid():
 def test_resample_mode_fuses_tokens_and_empties_the_last_layer(pipeline, demo_image, demo_video):
     gen = pipeline.generator
     cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
-    encoded = pipeline.encoder.encode([demo_image, demo_video], cfg.oim)
+    encoded = pipeline.encoder.encode([demo_image, demo_video], cfg)
     ids = gen.prompt_ids("What color is the circle?", encoded)
-    out = gen.engine.generate([_request(ids, encoded)], cfg.spu, 4, keep_logits=True)
+    out = gen.engine.generate([_request(ids, encoded)], cfg, 4, keep_logits=True)
     counts = out.visual_per_layer[0]
     grids = [(t, h // 2, w // 2) for t, h, w in encoded.grids]
     expect = [sum(t * h * w for t, h, w in (resampled_grid(g, round(r * g[0] * g[1] * g[2])) for g in grids)) for r in (0.5, 0.25)]
     assert counts == [len(encoded.embeds), *expect, 0]
     assert torch.isfinite(out.step_logits[0]).all()
     # cached decode still equals recomputation with resampled (fused) tokens in the early caches
-    state = gen.engine.prefill([_request(ids, encoded)], cfg.spu)
+    state = gen.engine.prefill([_request(ids, encoded)], cfg)
     token = gen.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
     cached = gen.engine.decode_step(state, torch.tensor([token]))
-    fresh = gen.engine.prefill([_request(ids + [token], encoded)], cfg.spu)
+    fresh = gen.engine.prefill([_request(ids + [token], encoded)], cfg)
     assert torch.allclose(fresh.logits, cached, atol=1e-4)

@@ -5,6 +5,12 @@ from each row, so at every SPU stage the survivors are re-packed (still left-pad
 layer remembers its own padding mask; its KV cache holds exactly the tokens that reached it.
 Kept tokens keep their original M-RoPE positions; text tokens are never pruned. Nothing asks the
 attention implementation for weights, so sdpa and flash_attention_2 run every layer.
+
+The LLM-side baselines prune the same way at one layer K: DART scores with layer K-1's cached keys,
+FastV needs layer K-1's attention weights, so that one layer runs with eager attention (the
+FlashAttention incompatibility SPU avoids). Items whose encoder kept only some grid cells (the
+vision-side baselines) get placeholders for the full grid, so M-RoPE positions are the stock ones,
+and the absent cells are dropped before the first layer.
 """
 from __future__ import annotations
 
@@ -16,9 +22,10 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from luvc_common.compression import spu
-from luvc_common.config import SPUConfig
-from luvc_common.errors import PromptError
+from luvc_common.compression import baselines, spu
+from luvc_common.config import LLM_BASELINES, CompressionConfig, SPUConfig
+from luvc_common.errors import ConfigError, PromptError
+from luvc_common.models.qwen_vision import attention_implementation
 
 
 @dataclass
@@ -31,6 +38,14 @@ class Request:
     """(n_visual, D) projector output for all media items, in prompt order."""
     grids: list[tuple[int, int, int]]
     """Per media item, the (merged) ViT grid (t, h, w) the encoder reported."""
+    cells: list[Tensor | None] = field(default_factory=list)
+    """Per media item, the raster cells of its LLM-token grid that `embeds` fills (None or absent:
+    all of them)."""
+
+    def present(self, counts: list[int]) -> list[int]:
+        """Visual tokens supplied per item, given the items' full-grid counts."""
+        cells = self.cells or [None] * len(counts)
+        return [n if c is None else len(c) for n, c in zip(counts, cells)]
 
 
 @dataclass
@@ -80,10 +95,11 @@ class LanguageEngine:
         is_media = torch.isin(ids, torch.tensor(list(self.media_token_types)))
         positions = is_media.nonzero().flatten().tolist()
         counts = [t * h * w // self.unit**2 for t, h, w in req.grids]
-        if len(positions) != sum(counts) or sum(counts) != len(req.embeds):
+        if len(positions) != sum(counts) or sum(req.present(counts)) != len(req.embeds):
             raise PromptError(
-                f"prompt has {len(positions)} visual placeholder tokens, the media give {sum(counts)} "
-                f"(grids {req.grids}) and {len(req.embeds)} visual embeddings were supplied"
+                f"prompt has {len(positions)} visual placeholder tokens, the media grids give {sum(counts)} "
+                f"(grids {req.grids}), {sum(req.present(counts))} of them present, and {len(req.embeds)} "
+                "visual embeddings were supplied"
             )
         spans, offset = [], 0
         for n, (t, h, w) in zip(counts, req.grids):
@@ -94,9 +110,9 @@ class LanguageEngine:
             offset += n
         return spans
 
-    def _mask(self, valid: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | None:
+    def _mask(self, valid: Tensor, q_len: int, dtype: torch.dtype, eager: bool = False) -> Tensor | None:
         """Attention mask for queries = the last q_len of `valid`'s keys (causal)."""
-        if self.config._attn_implementation.startswith("flash"):
+        if self.config._attn_implementation.startswith("flash") and not eager:
             return None if bool(valid.all()) else valid.long()
         k_len = valid.shape[1]
         allowed = valid[:, None, None, :].expand(-1, 1, q_len, -1)
@@ -106,7 +122,7 @@ class LanguageEngine:
         return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     @torch.no_grad()
-    def prefill(self, requests: list[Request], spu_cfg: SPUConfig | None) -> PrefillState:
+    def prefill(self, requests: list[Request], compression: CompressionConfig | None) -> PrefillState:
         device, dtype = self.lm.embed_tokens.weight.device, self.lm.embed_tokens.weight.dtype
         width = max(len(r.input_ids) for r in requests)
         ids = torch.full((len(requests), width), self.config.text_config.pad_token_id or 0, dtype=torch.long)
@@ -117,9 +133,14 @@ class LanguageEngine:
         spans = [[_Span(s.start + width - len(r.input_ids), s.length, s.grid) for s in self._spans(torch.tensor(r.input_ids), r)] for b, r in enumerate(requests)]
 
         hidden = self.lm.embed_tokens(ids.to(device))
+        absent = torch.zeros_like(valid)
         for b, r in enumerate(requests):
-            for s, e in zip(spans[b], r.embeds.split([s.length for s in spans[b]])):
-                hidden[b, s.start : s.start + s.length] = e.to(device, dtype)
+            cells = r.cells or [None] * len(spans[b])
+            for s, e, c in zip(spans[b], r.embeds.split(r.present([s.length for s in spans[b]])), cells):
+                at = s.start + (torch.arange(s.length) if c is None else c.cpu().long())
+                hidden[b, at.to(device)] = e.to(device, dtype)
+                absent[b, s.start : s.start + s.length] = True
+                absent[b, at] = False
         token_type = torch.zeros_like(ids, dtype=torch.int)
         for token_id, kind in self.media_token_types.items():
             token_type[ids == token_id] = kind
@@ -137,31 +158,88 @@ class LanguageEngine:
         position_ids = position_ids.to(device)
         next_position = (position_ids.amax(dim=(0, 2)) + 1).cpu()
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
-        source = torch.where(valid, torch.arange(width).expand_as(ids), -1)
+        source = torch.where(valid & ~absent, torch.arange(width).expand_as(ids), -1)
+        if absent.any():  # cells the encoder dropped: their placeholders never enter a layer
+            hidden, cos, sin, source, valid = _pad_rows([_gather(hidden[b], cos[b], sin[b], source[b], source[b] >= 0) for b in range(len(requests))])
         valid = valid.to(device)
 
+        spu_cfg = compression.spu if compression else None
         stages = spu.stage_layers(spu_cfg.stages, self.num_layers) if spu_cfg else {}
+        baseline = compression.method if compression and compression.method in LLM_BASELINES else None
+        prune_at = self._baseline_layer(compression.baseline.layer) if baseline else None
         item_state: dict[tuple[int, int], Tensor | tuple] = {}  # select: last low-pass; resample: grid
         cache = DynamicCache(config=self.config.get_text_config())
         layer_valid, visual_per_layer = [], [[] for _ in requests]
+        attention = None
         for i, layer in enumerate(self.lm.layers):
             if i in stages:
                 prune = self._spu_select if spu_cfg.mode == "select" else self._spu_resample
                 rows = [prune(b, hidden[b], cos[b], sin[b], source[b], spans[b], stages[i], spu_cfg, item_state, position_ids[:, b])
                         for b in range(len(requests))]
                 hidden, cos, sin, source, valid = _pad_rows(rows)
+            if i == prune_at:
+                scores = attention if baseline == "fastv" else self._dart_scores(cache, i - 1, hidden)
+                rows = [self._baseline_keep(b, hidden[b], cos[b], sin[b], source[b], spans[b], baseline, compression.baseline, scores)
+                        for b in range(len(requests))]
+                hidden, cos, sin, source, valid = _pad_rows(rows)
             for b in range(len(requests)):
                 visual_per_layer[b].append(sum(len(self._members(source[b], s)) for s in spans[b]))
             layer_valid.append(valid)
-            hidden = layer(
-                hidden,
-                attention_mask=self._mask(valid, hidden.shape[1], dtype),
-                position_embeddings=(cos, sin),
-                past_key_values=cache,
-                use_cache=True,
-            )
+            eager = baseline == "fastv" and i == prune_at - 1
+            kwargs = dict(position_embeddings=(cos, sin), past_key_values=cache, use_cache=True,
+                          attention_mask=self._mask(valid, hidden.shape[1], dtype, eager))
+            if eager:
+                hidden, attention = self._eager_layer(layer, hidden, kwargs)
+            else:
+                hidden = layer(hidden, **kwargs)
         logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
         return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
+
+    def _baseline_layer(self, depth: float) -> int:
+        """The pruning layer K of fastv / dart: at least 1, since the scores come from layer K-1."""
+        k = max(1, round(depth * self.num_layers))
+        if k >= self.num_layers:
+            raise ConfigError(f"layer={depth} resolves to layer {k} of a {self.num_layers}-layer LLM: expected < {self.num_layers}")
+        return k
+
+    @staticmethod
+    def _eager_layer(layer, hidden: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+        """Run one decoder layer with eager attention and return (output, last query's attention
+        weights (B, heads, keys))."""
+        captured = []
+        hook = layer.self_attn.register_forward_hook(lambda _m, _a, out: captured.append(out[1][:, :, -1].float()))
+        try:
+            with attention_implementation(layer.self_attn.config, "eager"):
+                out = layer(hidden, **kwargs)
+        finally:
+            hook.remove()
+        return out, captured[0]
+
+    def _dart_scores(self, cache: DynamicCache, layer: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """DART's inputs: layer K-1's cached keys with heads concatenated (B, L, kv_heads * head_dim),
+        and the normalised hidden states entering layer K (B, L, D)."""
+        keys = cache.layers[layer].keys
+        return keys.transpose(1, 2).flatten(2), self.lm.norm(hidden)
+
+    def _baseline_keep(self, b, hidden, cos, sin, source, spans, method: str, cfg, scores):
+        """One row: keep `keep_ratio` of each item's visual tokens by the fastv or dart criterion."""
+        keep = source >= 0
+        for s in spans:
+            members = self._members(source, s)
+            if len(members) == 0:
+                continue
+            n_keep = baselines.keep_count(s.length, cfg.keep_ratio)
+            if method == "fastv":
+                kept = baselines.fastv_keep(scores[b][:, members.to(scores.device)], min(n_keep, len(members)))
+            else:
+                keys, normed = scores[0][b], scores[1][b]
+                text = (keep & (source >= s.start + s.length)).nonzero().flatten()  # the prompt after the item
+                kept = baselines.dart_keep(keys[members.to(keys.device)], keys[text.to(keys.device)], normed[members.to(keys.device)],
+                                           normed[text.to(keys.device)], min(n_keep, len(members)), *cfg.pivots)
+            drop = torch.ones(len(members), dtype=torch.bool)
+            drop[kept.cpu()] = False
+            keep[members[drop]] = False
+        return _gather(hidden, cos, sin, source, keep)
 
     @staticmethod
     def _members(source: Tensor, span: _Span) -> Tensor:
@@ -181,8 +259,7 @@ class LanguageEngine:
             drop = torch.ones(len(members), dtype=torch.bool)
             drop[kept.cpu()] = False
             keep[members[drop]] = False
-        idx = keep.nonzero().flatten()
-        return hidden[idx.to(hidden.device)], cos[idx.to(cos.device)], sin[idx.to(sin.device)], source[idx]
+        return _gather(hidden, cos, sin, source, keep)
 
     def _spu_resample(self, b, hidden, cos, sin, source, spans, ratio, cfg: SPUConfig, grids, positions):
         """One row: replace each item's tokens by a smaller spectrally resampled grid of tokens, with
@@ -234,7 +311,7 @@ class LanguageEngine:
     def generate(
         self,
         requests: list[Request],
-        spu_cfg: SPUConfig | None,
+        compression: CompressionConfig | None,
         max_new_tokens: int,
         keep_logits: bool = False,
         on_step: Callable[[list[list[int]]], bool] | None = None,
@@ -246,7 +323,7 @@ class LanguageEngine:
         eos = self.config.text_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         t0 = time.perf_counter()
-        state = self.prefill(requests, spu_cfg)
+        state = self.prefill(requests, compression)
         state.logits.cpu()  # waits for the device, so prefill_ms is not just kernel-launch time on GPU
         t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in requests]
@@ -267,6 +344,12 @@ class LanguageEngine:
             logits = self.decode_step(state, next_tokens)
         t2 = time.perf_counter()
         return Generation(out, state.visual_per_layer, (t1 - t0) * 1e3, (t2 - t1) * 1e3, step_logits)
+
+
+def _gather(hidden: Tensor, cos: Tensor, sin: Tensor, source: Tensor, keep: Tensor):
+    """One row's (hidden, cos, sin, source) at the positions where `keep` (on source's device) is True."""
+    idx = keep.nonzero().flatten()
+    return hidden[idx.to(hidden.device)], cos[idx.to(cos.device)], sin[idx.to(sin.device)], source[idx]
 
 
 def _pad_rows(rows: list[tuple[Tensor, Tensor, Tensor, Tensor]]):

@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL vision tower with OIM merge steps between its blocks.
+"""Qwen2-VL / Qwen2.5-VL vision tower with OIM merge steps (or a vision-side baseline) inside.
 
 The tower's own modules (patch_embed, rotary_pos_emb, blocks, merger) do all the work; this loop
 only re-derives the attention segments, rotary angles and (Qwen2.5-VL) windows whenever a merge
@@ -6,13 +6,53 @@ step has changed the grids. With no merge steps it computes exactly the stock fo
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from transformers import AttentionInterface
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
+from luvc_common.compression import baselines
 from luvc_common.compression.oim import TokenGrid, merge_layers, merge_step, step_axes
-from luvc_common.config import OIMConfig
+from luvc_common.config import BaselineConfig, CompressionConfig
+from luvc_common.errors import ConfigError
+
+
+@dataclass
+class VisionOutput:
+    embeds: Tensor
+    """(N, D) projector output of all items, in order."""
+    grids: Tensor
+    """(n_items, 3) ViT grid per item that placeholders and M-RoPE follow."""
+    cells: list[Tensor | None]
+    """Per item, the LLM-token raster cells (of grid / unit) its tokens sit on, increasing; None = every cell."""
+
+
+@contextmanager
+def attention_implementation(config, name: str):
+    """Run a module whose attention reads `config` with another registered attention function."""
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def _proportional_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, size_log=None, **kwargs):
+    """ToMe's proportional attention: log(size) of each key added to the attention logits."""
+    bias = size_log.to(query.dtype)[None, None, None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("luvc_proportional", _proportional_sdpa)
 
 
 def _run_blocks(visual, tokens: TokenGrid, blocks: range) -> Tensor:
@@ -39,18 +79,88 @@ def _run_blocks(visual, tokens: TokenGrid, blocks: range) -> Tensor:
     return x
 
 
+def _keys(block, x: Tensor) -> Tensor:
+    """(N, heads, head_dim) attention keys of a vision block on its input x, before rotary."""
+    return block.attn.qkv(block.norm1(x)).reshape(len(x), 3, block.attn.num_heads, -1)[:, 1]
+
+
+def _units(x: Tensor, unit: int) -> Tensor:
+    """(N, ...) block-major tokens -> (N / unit^2, unit^2, ...): one row per projector group = LLM token."""
+    return x.reshape(-1, unit * unit, *x.shape[1:])
+
+
+def _split(tokens: TokenGrid) -> list[TokenGrid]:
+    counts = [t * h * w for t, h, w in tokens.grids]
+    return [TokenGrid(*parts, (g,)) for *parts, g in zip(*(v.split(counts) for v in (tokens.hidden, tokens.sizes, tokens.positions)), tokens.grids)]
+
+
+def _tome(visual, item: TokenGrid, keep_ratio: float) -> tuple[Tensor, Tensor]:
+    """ToMe through the tower's blocks for one item: after each block, bipartite soft matching on the
+    block's keys merges r projector groups (size-weighted); attention is proportional to size.
+    Returns (features (n_kept * unit^2, C) before the projector, kept group indices)."""
+    if hasattr(visual, "fullatt_block_indexes"):
+        raise ConfigError("method tome needs a vision tower with full attention in every block (Qwen2-VL); "
+                          "Qwen2.5-VL's window attention needs whole windows")
+    unit = visual.spatial_merge_size
+    x, pos = item.hidden, item.positions
+    n = len(x) // unit**2
+    kept, sizes = torch.arange(n), torch.ones(n, device=x.device)
+    schedule = baselines.tome_schedule(n, baselines.keep_count(n, keep_ratio), len(visual.blocks))
+    with attention_implementation(visual.config, "luvc_proportional"):
+        for block, r in zip(visual.blocks, schedule):
+            cu = torch.tensor([0, len(x)], dtype=torch.int32, device=x.device)
+            size_log = sizes.log().repeat_interleave(unit**2)
+            x_in, x = x, block(x, cu_seqlens=cu, max_seqlen=len(x), position_embeddings=visual.rotary_pos_emb(x, pos), size_log=size_log)
+            if r:
+                src, dst = baselines.bipartite_soft_matching(_units(_keys(block, x_in).mean(1), unit).mean(1), r)
+                merged, sizes, idx = baselines.merge_into(_units(x, unit), sizes, src, dst)
+                x, pos, kept = merged.flatten(0, 1), _units(pos, unit)[idx].flatten(0, 1), kept[idx.cpu()]
+    return x, kept
+
+
+def _visionzip(visual, item: TokenGrid, cfg: BaselineConfig) -> tuple[Tensor, Tensor]:
+    """VisionZip for one item on the tower's output. Qwen2-VL has no CLS token, so a group's saliency
+    is the attention its patches receive in the last block, averaged over heads and all queries.
+    Returns (features (n_kept * unit^2, C) before the projector, kept group indices)."""
+    unit, depth = visual.spatial_merge_size, len(visual.blocks)
+    x_last = _run_blocks(visual, item, range(depth - 1))
+    last = visual.blocks[-1]
+    q, k, _ = last.attn.qkv(last.norm1(x_last)).reshape(len(x_last), 3, last.attn.num_heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, *visual.rotary_pos_emb(x_last, item.positions))
+    received = x_last.new_zeros(len(x_last), dtype=torch.float32)
+    for h in range(q.shape[1]):  # one head at a time: n x n probabilities, not heads x n x n
+        received += ((q[:, h] @ k[:, h].T).float() * last.attn.scaling).softmax(-1).mean(0)
+    x = _run_blocks(visual, TokenGrid(x_last, item.sizes, item.positions, item.grids), range(depth - 1, depth))
+    n = len(x) // unit**2
+    keep = baselines.keep_count(n, cfg.keep_ratio)
+    dominant = round(cfg.dominant * keep)
+    metric = _units(_keys(last, x_last).mean(1), unit).mean(1)
+    merged, kept = baselines.visionzip_merge(_units(x, unit), _units(received, unit).sum(1), metric, dominant, keep - dominant)
+    return merged.flatten(0, 1), kept.cpu()
+
+
+def _pool(embeds: Tensor, grid: tuple[int, int, int], unit: int, keep_ratio: float) -> tuple[Tensor, tuple[int, int, int]]:
+    """Average pooling of one item's LLM-token grid: one 2x step per halving of keep_ratio, axes
+    alternating (w first). Returns (pooled tokens, pooled ViT grid)."""
+    t, h, w = grid
+    tokens = TokenGrid(embeds, embeds.new_ones(len(embeds)), embeds.new_zeros(len(embeds), 2), ((t, h // unit, w // unit),))
+    for axis in step_axes(round(math.log2(1 / keep_ratio)), "w"):
+        tokens = merge_step(tokens, axis, 1, "grid")
+    (t, h, w), = tokens.grids
+    return tokens.hidden, (t, h * unit, w * unit)
+
+
 @torch.no_grad()
-def encode(visual, pixel_values: Tensor, grid_thw: Tensor, oim: OIMConfig | None = None) -> tuple[Tensor, Tensor]:
-    """Run the vision tower (with OIM when `oim` is given) and its projector.
+def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: CompressionConfig | None = None) -> VisionOutput:
+    """Run the vision tower and its projector with the compression's vision-side part: OIM, or one of
+    the tome / visionzip / pool / random baselines.
 
     pixel_values: the image processor's flattened patches for all media items, in order;
-    grid_thw: (n_items, 3) their patch grids. Returns (projector output (N, D), merged grid_thw),
-    the merged grid being what the LLM side uses for placeholders and M-RoPE positions.
+    grid_thw: (n_items, 3) their patch grids.
     """
     unit = visual.spatial_merge_size
-    depth = len(visual.blocks)
-    layers = merge_layers(oim.merge_depths, depth) if oim else []
-    axes = step_axes(len(layers), oim.first_axis) if oim else []
+    method = compression.method if compression else "none"
+    oim = compression.oim if compression else None
     hidden = visual.patch_embed(pixel_values.to(visual.device))
     tokens = TokenGrid(
         hidden=hidden,
@@ -58,10 +168,33 @@ def encode(visual, pixel_values: Tensor, grid_thw: Tensor, oim: OIMConfig | None
         positions=get_vision_position_ids(grid_thw, unit).float().to(hidden.device),
         grids=tuple(tuple(int(v) for v in g) for g in grid_thw.tolist()),
     )
+    if method in ("tome", "visionzip"):
+        run = _tome if method == "tome" else _visionzip
+        knob = compression.baseline.keep_ratio if method == "tome" else compression.baseline
+        outs = [run(visual, item, knob) for item in _split(tokens)]
+        embeds = [visual.merger(x) for x, _ in outs]
+        return VisionOutput(torch.cat(embeds), grid_thw.clone(), [kept for _, kept in outs])
+    depth = len(visual.blocks)
+    layers = merge_layers(oim.merge_depths, depth) if oim else []
     start = 0
-    for layer, axis in zip(layers, axes):
+    for layer, axis in zip(layers, step_axes(len(layers), oim.first_axis) if oim else []):
         tokens = TokenGrid(_run_blocks(visual, tokens, range(start, layer)), tokens.sizes, tokens.positions, tokens.grids)
         tokens = merge_step(tokens, axis, unit, oim.positions)
         start = layer
-    hidden = _run_blocks(visual, tokens, range(start, depth))
-    return visual.merger(hidden), torch.tensor(tokens.grids, dtype=torch.long)
+    embeds = visual.merger(_run_blocks(visual, tokens, range(start, depth)))
+    grids = torch.tensor(tokens.grids, dtype=torch.long)
+    if method not in ("pool", "random"):
+        return VisionOutput(embeds, grids, [None] * len(grids))
+    counts = [t * h * w // unit**2 for t, h, w in tokens.grids]
+    pieces, cells = [], []
+    for i, (e, grid) in enumerate(zip(embeds.split(counts), tokens.grids)):
+        if method == "pool":
+            e, pooled = _pool(e, grid, unit, compression.baseline.keep_ratio)
+            grids[i] = torch.tensor(pooled)
+            cells.append(None)
+        else:
+            kept = baselines.random_keep(len(e), baselines.keep_count(len(e), compression.baseline.keep_ratio), compression.baseline.seed + i)
+            e = e[kept.to(e.device)]
+            cells.append(kept)
+        pieces.append(e)
+    return VisionOutput(torch.cat(pieces), grids, cells)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nluvc.proto\x12\x07luvc.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x05Video\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\"A\n\x05Media\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x1f\n\x05video\x18\x02 \x01(\x0b\x32\x0e.luvc.v1.VideoH\x00\x42\x06\n\x04kind\"\'\n\x04Grid\x12\t\n\x01t\x18\x01 \x01(\x05\x12\t\n\x01h\x18\x02 \x01(\x05\x12\t\n\x01w\x18\x03 \x01(\x05\"p\n\x0bMediaTokens\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1b\n\x04grid\x18\x02 \x01(\x0b\x32\r.luvc.v1.Grid\x12\"\n\x0bsource_grid\x18\x03 \x01(\x0b\x32\r.luvc.v1.Grid\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\"R\n\rEncodeRequest\x12\x1d\n\x05media\x18\x01 \x03(\x0b\x32\x0e.luvc.v1.Media\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x12\n\nwire_dtype\x18\x03 \x01(\t\"\x8d\x01\n\x0e\x45ncodeResponse\x12\x1f\n\x06tokens\x18\x01 \x01(\x0b\x32\x0f.luvc.v1.Tensor\x12#\n\x05media\x18\x02 \x03(\x0b\x32\x14.luvc.v1.MediaTokens\x12\x13\n\x0bvit_patches\x18\x03 \x01(\x03\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\r\n\x05model\x18\x05 \x01(\t\"\xa5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1d\n\x05media\x18\x02 \x03(\x0b\x32\x0e.luvc.v1.Media\x12\'\n\x06visual\x18\x03 \x01(\x0b\x32\x17.luvc.v1.EncodeResponse\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\"\xe0\x02\n\rGenerateStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x13\n\x0bvit_patches\x18\x07 \x01(\x03\x12\x13\n\x0b\x65ncoder_out\x18\x08 \x01(\x03\x12\x15\n\rllm_per_layer\x18\t \x03(\x05\x12\x15\n\rpayload_bytes\x18\n \x01(\x03\x12\"\n\x1apayload_bytes_uncompressed\x18\x0b \x01(\x03\x12\x39\n\ntimings_ms\x18\x0c \x03(\x0b\x32%.luvc.v1.GenerateStats.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Z\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.luvc.v1.GenerateStats2D\n\x07\x45ncoder\x12\x39\n\x06\x45ncode\x12\x16.luvc.v1.EncodeRequest\x1a\x17.luvc.v1.EncodeResponse2H\n\x03LLM\x12\x41\n\x08Generate\x12\x18.luvc.v1.GenerateRequest\x1a\x19.luvc.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nluvc.proto\x12\x07luvc.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x05Video\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\"A\n\x05Media\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x1f\n\x05video\x18\x02 \x01(\x0b\x32\x0e.luvc.v1.VideoH\x00\x42\x06\n\x04kind\"\'\n\x04Grid\x12\t\n\x01t\x18\x01 \x01(\x05\x12\t\n\x01h\x18\x02 \x01(\x05\x12\t\n\x01w\x18\x03 \x01(\x05\"\x7f\n\x0bMediaTokens\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1b\n\x04grid\x18\x02 \x01(\x0b\x32\r.luvc.v1.Grid\x12\"\n\x0bsource_grid\x18\x03 \x01(\x0b\x32\r.luvc.v1.Grid\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\r\n\x05\x63\x65lls\x18\x05 \x03(\x05\"R\n\rEncodeRequest\x12\x1d\n\x05media\x18\x01 \x03(\x0b\x32\x0e.luvc.v1.Media\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x12\n\nwire_dtype\x18\x03 \x01(\t\"\x8d\x01\n\x0e\x45ncodeResponse\x12\x1f\n\x06tokens\x18\x01 \x01(\x0b\x32\x0f.luvc.v1.Tensor\x12#\n\x05media\x18\x02 \x03(\x0b\x32\x14.luvc.v1.MediaTokens\x12\x13\n\x0bvit_patches\x18\x03 \x01(\x03\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\r\n\x05model\x18\x05 \x01(\t\"\xa5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1d\n\x05media\x18\x02 \x03(\x0b\x32\x0e.luvc.v1.Media\x12\'\n\x06visual\x18\x03 \x01(\x0b\x32\x17.luvc.v1.EncodeResponse\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\"\xe0\x02\n\rGenerateStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x13\n\x0bvit_patches\x18\x07 \x01(\x03\x12\x13\n\x0b\x65ncoder_out\x18\x08 \x01(\x03\x12\x15\n\rllm_per_layer\x18\t \x03(\x05\x12\x15\n\rpayload_bytes\x18\n \x01(\x03\x12\"\n\x1apayload_bytes_uncompressed\x18\x0b \x01(\x03\x12\x39\n\ntimings_ms\x18\x0c \x03(\x0b\x32%.luvc.v1.GenerateStats.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Z\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.luvc.v1.GenerateStats2D\n\x07\x45ncoder\x12\x39\n\x06\x45ncode\x12\x16.luvc.v1.EncodeRequest\x1a\x17.luvc.v1.EncodeResponse2H\n\x03LLM\x12\x41\n\x08Generate\x12\x18.luvc.v1.GenerateRequest\x1a\x19.luvc.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRID']._serialized_start=169
   _globals['_GRID']._serialized_end=208
   _globals['_MEDIATOKENS']._serialized_start=210
-  _globals['_MEDIATOKENS']._serialized_end=322
-  _globals['_ENCODEREQUEST']._serialized_start=324
-  _globals['_ENCODEREQUEST']._serialized_end=406
-  _globals['_ENCODERESPONSE']._serialized_start=409
-  _globals['_ENCODERESPONSE']._serialized_end=550
-  _globals['_GENERATEREQUEST']._serialized_start=553
-  _globals['_GENERATEREQUEST']._serialized_end=718
-  _globals['_GENERATESTATS']._serialized_start=721
-  _globals['_GENERATESTATS']._serialized_end=1073
-  _globals['_GENERATESTATS_TIMINGSMSENTRY']._serialized_start=1025
-  _globals['_GENERATESTATS_TIMINGSMSENTRY']._serialized_end=1073
-  _globals['_GENERATERESPONSE']._serialized_start=1075
-  _globals['_GENERATERESPONSE']._serialized_end=1165
-  _globals['_ENCODER']._serialized_start=1167
-  _globals['_ENCODER']._serialized_end=1235
-  _globals['_LLM']._serialized_start=1237
-  _globals['_LLM']._serialized_end=1309
+  _globals['_MEDIATOKENS']._serialized_end=337
+  _globals['_ENCODEREQUEST']._serialized_start=339
+  _globals['_ENCODEREQUEST']._serialized_end=421
+  _globals['_ENCODERESPONSE']._serialized_start=424
+  _globals['_ENCODERESPONSE']._serialized_end=565
+  _globals['_GENERATEREQUEST']._serialized_start=568
+  _globals['_GENERATEREQUEST']._serialized_end=733
+  _globals['_GENERATESTATS']._serialized_start=736
+  _globals['_GENERATESTATS']._serialized_end=1088
+  _globals['_GENERATESTATS_TIMINGSMSENTRY']._serialized_start=1040
+  _globals['_GENERATESTATS_TIMINGSMSENTRY']._serialized_end=1088
+  _globals['_GENERATERESPONSE']._serialized_start=1090
+  _globals['_GENERATERESPONSE']._serialized_end=1180
+  _globals['_ENCODER']._serialized_start=1182
+  _globals['_ENCODER']._serialized_end=1250
+  _globals['_LLM']._serialized_start=1252
+  _globals['_LLM']._serialized_end=1324
 # @@protoc_insertion_point(module_scope)

@@ -41,16 +41,18 @@ class Grid(_message.Message):
     def __init__(self, t: _Optional[int] = ..., h: _Optional[int] = ..., w: _Optional[int] = ...) -> None: ...
 
 class MediaTokens(_message.Message):
-    __slots__ = ("kind", "grid", "source_grid", "num_tokens")
+    __slots__ = ("kind", "grid", "source_grid", "num_tokens", "cells")
     KIND_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_GRID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     grid: Grid
     source_grid: Grid
     num_tokens: int
-    def __init__(self, kind: _Optional[str] = ..., grid: _Optional[_Union[Grid, _Mapping]] = ..., source_grid: _Optional[_Union[Grid, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    cells: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[str] = ..., grid: _Optional[_Union[Grid, _Mapping]] = ..., source_grid: _Optional[_Union[Grid, _Mapping]] = ..., num_tokens: _Optional[int] = ..., cells: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("media", "method", "wire_dtype")
