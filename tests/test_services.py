@@ -53,7 +53,7 @@ def encoder_client(stack):
         yield c
 
 
-@pytest.mark.parametrize("method", ["none", "luvc"])
+@pytest.mark.parametrize("method", ["none", "luvc", "tome:keep=0.5", "random:keep=0.3", "fastv"])
 def test_answer_equals_in_process_generate(stack, client, tiny_qwen2vl, demo_image, demo_video, method):
     local = Pipeline(ModelConfig(tiny_qwen2vl)).generate([demo_image, demo_video], PROMPT, method_config(method), 8)
     remote = client.generate(PROMPT, [image_file(DEMO), video_dir(conftest.ASSETS / "demo_video")], method=method,
@@ -112,12 +112,14 @@ def _png(w, h) -> bytes:
     return buf.getvalue()
 
 
-def _visual(encoder_target, **change):
+def _visual(encoder_target, method="luvc", **change):
     with LUVCClient(encoder_target) as c:
-        visual = c.encode([image_file(DEMO)], method="luvc", wire_dtype="FP32")
+        visual = c.encode([image_file(DEMO)], method=method, wire_dtype="FP32")
     for key, value in change.items():
         if key == "tokens":
             visual.tokens.CopyFrom(value)
+        elif key == "cells":
+            visual.media[0].cells[:] = value(list(visual.media[0].cells))
         else:
             setattr(visual.tokens, key, value)
     return visual
@@ -133,6 +135,9 @@ BAD_REQUESTS = {
     "wrong byte count": (lambda c, e: c.generate(PROMPT, visual=_visual(e, data=b"\0" * 100)), "bytes"),
     "NaN values": (lambda c, e: c.generate(PROMPT, visual=_visual(e, tokens=to_wire(torch.full((143, 256), float("nan")), "FP32"))), "NaN"),
     "unknown method": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="magic"), "method"),
+    "bad method budget": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="tome:keep=2"), "keep_ratio"),
+    "unsorted cells": (lambda c, e: c.generate(PROMPT, visual=_visual(e, "random:keep=0.5", cells=lambda x: x[::-1]), method="random"), "cells"),
+    "cells out of grid": (lambda c, e: c.generate(PROMPT, visual=_visual(e, "random:keep=0.5", cells=lambda x: x[:-1] + [10**6]), method="random"), "cells"),
     "empty prompt": (lambda c, e: c.generate("  ", [image_file(DEMO)]), "empty prompt"),
     "placeholder mismatch": (lambda c, e: c.generate("<image><image> what?", [image_file(DEMO)]), "places media"),
     "too many new tokens": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], max_new_tokens=100000), "max_new_tokens"),

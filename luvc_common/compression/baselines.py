@@ -30,12 +30,12 @@ def keep_count(n: int, keep_ratio: float) -> int:
 
 
 def tome_schedule(n: int, keep: int, num_blocks: int) -> list[int]:
-    """ToMe's constant r per block: tokens merged away after each of the num_blocks blocks so that
-    `keep` of n remain (the remainder goes to the earliest blocks). A bipartite step can merge at
-    most half of the current tokens, so the leftovers roll over to later blocks."""
+    """Tokens merged away after each of num_blocks blocks so that `keep` of n remain: ToMe's constant
+    r per block, raised where needed because one bipartite step merges at most half of the tokens
+    (so a later block could not catch up). A budget below n / 2**num_blocks is out of reach."""
     sched = []
-    for i in range(num_blocks):
-        r = min(-(-(n - keep) // (num_blocks - i)), n // 2)
+    for left in range(num_blocks, 0, -1):
+        r = min(n // 2, max(-(-(n - keep) // left), n - keep * 2 ** (left - 1)))
         sched.append(r)
         n -= r
     return sched

@@ -94,6 +94,12 @@ def _split(tokens: TokenGrid) -> list[TokenGrid]:
     return [TokenGrid(*parts, (g,)) for *parts, g in zip(*(v.split(counts) for v in (tokens.hidden, tokens.sizes, tokens.positions)), tokens.grids)]
 
 
+def _frames(item: TokenGrid) -> TokenGrid:
+    """One item's t frames as t items of one frame each (block-major order keeps frames contiguous)."""
+    t, h, w = item.grids[0]
+    return TokenGrid(item.hidden, item.sizes, item.positions, ((1, h, w),) * t)
+
+
 def _tome(visual, item: TokenGrid, keep_ratio: float) -> tuple[Tensor, Tensor]:
     """ToMe through the tower's blocks for one item: after each block, bipartite soft matching on the
     block's keys merges r projector groups (size-weighted); attention is proportional to size.
@@ -168,12 +174,17 @@ def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: Compress
         positions=get_vision_position_ids(grid_thw, unit).float().to(hidden.device),
         grids=tuple(tuple(int(v) for v in g) for g in grid_thw.tolist()),
     )
-    if method in ("tome", "visionzip"):
-        run = _tome if method == "tome" else _visionzip
-        knob = compression.baseline.keep_ratio if method == "tome" else compression.baseline
-        outs = [run(visual, item, knob) for item in _split(tokens)]
-        embeds = [visual.merger(x) for x, _ in outs]
-        return VisionOutput(torch.cat(embeds), grid_thw.clone(), [kept for _, kept in outs])
+    if method == "tome":  # per frame: a video's frames are separate attention segments
+        embeds, cells = [], []
+        for item in _split(tokens):
+            t, h, w = item.grids[0]
+            outs = [_tome(visual, frame, compression.baseline.keep_ratio) for frame in _split(_frames(item))]
+            embeds += [visual.merger(x) for x, _ in outs]
+            cells.append(torch.cat([f * h * w // unit**2 + kept for f, (_, kept) in enumerate(outs)]))
+        return VisionOutput(torch.cat(embeds), grid_thw.clone(), cells)
+    if method == "visionzip":
+        outs = [_visionzip(visual, item, compression.baseline) for item in _split(tokens)]
+        return VisionOutput(torch.cat([visual.merger(x) for x, _ in outs]), grid_thw.clone(), [kept for _, kept in outs])
     depth = len(visual.blocks)
     layers = merge_layers(oim.merge_depths, depth) if oim else []
     start = 0
