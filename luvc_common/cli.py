@@ -221,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="What color is the circle?")
     d.set_defaults(func=cmd_demo)
 
+    from luvc_common.bench import add_bench_parser
     from luvc_common.evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
     sub.add_parser("train", help="train a tiny Qwen2-VL from scratch on SynthVQA (luvc train --help)", add_help=False)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from luvc_common.config import (BASELINES, DEFAULT_MODEL, LLM_BASELINES, METHOD_NAMES, VISION_BASELINES, BaselineConfig,
-                                CompressionConfig, OIMConfig, method_config)
+from luvc_common.config import (BASELINES, DEFAULT_MODEL, METHOD_NAMES, VISION_BASELINES,
+                                CompressionConfig, OIMConfig, method_config, method_spec)
 from luvc_common.errors import UserError
 
 TEST_SEED, TEST_N = 3000, 600
@@ -34,8 +33,8 @@ TEST_SEED, TEST_N = 3000, 600
 BASELINE = method_config("none")
 SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
-SWEEP_LUVC = {"luvc:oim=0": OIMConfig(merge_depths=()), "luvc": OIMConfig(), "luvc:oim=2": OIMConfig(merge_depths=(0.25, 0.75))}
-"""luvc's --sweep points: 0, 1 (default) or 2 OIM merge steps, each with the default SPU cascade."""
+SWEEP_LUVC = (OIMConfig(merge_depths=()), OIMConfig(), OIMConfig(merge_depths=(0.25, 0.75)))
+"""luvc's --sweep points: 0, 1 (the default) or 2 OIM merge steps, each with the default SPU cascade."""
 
 
 def synthvqa_test_set(n: int = TEST_N) -> list[dict]:
@@ -57,17 +56,12 @@ def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[st
     return {"accuracy": sum(map(sum, hits.values())) / max(n, 1), "per_task": {t: sum(h) / len(h) for t, h in hits.items()}, "n": n}
 
 
-_SPEC_NAMES = {"keep_ratio": "keep", "layer": "layer", "dominant": "dominant", "seed": "seed", "pivots": "pivots"}
-
-
 def config_label(cfg: CompressionConfig) -> str:
     """The method name for its default configuration, else `method[knob=value, ...]` naming what differs
     (baselines: their method spec, e.g. "tome:keep=0.125")."""
-    default, diffs = method_config(cfg.method), []
     if cfg.method in BASELINES and cfg.oim is None and cfg.spu is None:
-        knobs = [f"{_SPEC_NAMES[f.name]}={getattr(cfg.baseline, f.name):g}" for f in fields(BaselineConfig)
-                 if f.name != "pivots" and getattr(cfg.baseline, f.name) != getattr(default.baseline, f.name)]
-        return f"{cfg.method}:{','.join(knobs)}" if knobs else cfg.method
+        return method_spec(cfg)
+    default, diffs = method_config(cfg.method), []
     for part in ("oim", "spu"):
         mine, ref = getattr(cfg, part), getattr(default, part)
         if mine == ref:
@@ -160,6 +154,20 @@ def evaluate(
             "results": results}
 
 
+def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]:
+    """The configs of method specs; with sweep, every baseline at SWEEP_KEEP and luvc at SWEEP_LUVC."""
+    configs = []
+    for spec in specs:
+        cfg = method_config(spec)
+        if sweep and cfg.method in BASELINES:
+            configs += [replace(cfg, baseline=replace(cfg.baseline, keep_ratio=k)) for k in SWEEP_KEEP]
+        elif sweep and cfg.method == "luvc":
+            configs += [replace(cfg, oim=oim) for oim in SWEEP_LUVC]
+        else:
+            configs.append(cfg)
+    return configs
+
+
 def _vision_key(cfg: CompressionConfig) -> tuple:
     """Configs with equal keys get the same encoder output."""
     return (cfg.oim, cfg.method, cfg.baseline) if cfg.method in VISION_BASELINES else (cfg.oim,)
@@ -172,21 +180,12 @@ def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequ
     report = evaluate(model_dir, examples[:probe], {"ref": reference}, progress=False, max_new_tokens=1)
     from transformers import AutoConfig
 
-    from luvc_common.flops import matched_keep_ratio
+    from luvc_common.flops import with_matched_budget
 
     ref = next(r for r in report["results"] if r["method"] == "ref")
     text_config, layers = AutoConfig.from_pretrained(model_dir).text_config, len(ref["visual_tokens_per_layer"])
-    visual, text = report["visual_tokens_uncompressed"], report["text_tokens"]
-    matched = []
-    for cfg in methods:
-        if cfg.method in BASELINES:
-            start = max(1, round(cfg.baseline.layer * layers)) if cfg.method in LLM_BASELINES else 0
-            k = matched_keep_ratio(ref["llm_flops_ratio"], round(text), round(visual), text_config, layers, start)
-            if cfg.method == "pool":  # powers of 1/2 only: the nearest in log scale
-                k = 0.5 ** max(0, round(-math.log2(k)))
-            cfg = replace(cfg, baseline=replace(cfg.baseline, keep_ratio=k))
-        matched.append(cfg)
-    return matched
+    return [with_matched_budget(cfg, ref["llm_flops_ratio"], report["text_tokens"], report["visual_tokens_uncompressed"], text_config, layers)
+            if cfg.method in BASELINES else cfg for cfg in methods]
 
 
 def format_table(results: list[dict]) -> str:
@@ -203,26 +202,33 @@ def format_table(results: list[dict]) -> str:
 
 
 def plot(report: dict, path: str | Path) -> None:
-    """Accuracy vs LLM speedup, one labelled pair of points per method: theoretical FLOPs ratio and measured prefill speedup."""
+    """Accuracy vs LLM speedup over "none", one colour per method family: filled markers on a solid line
+    for the theoretical FLOPs ratio, hollow markers on a dashed line for the measured prefill speedup;
+    several budgets of a family (--sweep) make a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = report["results"]
+    families: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        families[r["config"]["method"]].append(r)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    for i, (family, rs) in enumerate(families.items()):
+        color = f"C{i % 10}"
+        for key, style, face in (("llm_flops_ratio", "-", color), ("llm_prefill_speedup", "--", "none")):
+            rs_sorted = sorted(rs, key=lambda r: r[key])
+            ax.plot([r[key] for r in rs_sorted], [r["accuracy"] for r in rs_sorted], style, color=color, lw=1, marker="o",
+                    markerfacecolor=face, label=family if key == "llm_flops_ratio" else None)
+        if len(rs) == 1:
+            ax.annotate(rs[0]["method"], (rs[0]["llm_flops_ratio"], rs[0]["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
     acc = [r["accuracy"] for r in results]
-    theory, measured = [r["llm_flops_ratio"] for r in results], [r["llm_prefill_speedup"] for r in results]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for x0, x1, y in zip(theory, measured, acc):
-        ax.plot([x0, x1], [y, y], color="0.75", lw=1, zorder=1)
-    ax.scatter(theory, acc, marker="o", color="C0", zorder=2, label="theoretical (LLM prefill FLOPs ratio)")
-    ax.scatter(measured, acc, marker="s", facecolors="none", edgecolors="C1", zorder=2, label="measured (LLM prefill time ratio)")
-    for r, x, y in zip(results, theory, acc):
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel('LLM speedup over "none" (x)')
+    ax.set_xlabel('LLM speedup over "none" (x): solid = theoretical FLOPs ratio, dashed = measured prefill time ratio')
     ax.set_ylabel("accuracy (exact match)")
     ax.set_ylim(max(0.0, min(acc) - 0.1) - 0.02, min(1.0, max(acc) + 0.1) + 0.02)
     ax.set_title(f"{Path(report['model']).name}, n={report['n']}", fontsize=10)
+    ax.xaxis.label.set_size(8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -247,7 +253,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "relative to the file (e.g. from `luvc data synth`); default: the bundled SynthVQA test split "
                    f"(make_example({TEST_SEED}, i), i < {TEST_N}, 100 per task), generated in memory")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint directory")
-    p.add_argument("--methods", default="none,luvc", help=f"comma-separated method names from {list(METHOD_NAMES)}")
+    p.add_argument("--methods", default="none,luvc", help=f"comma-separated method specs: names from {list(METHOD_NAMES)}, "
+                   "baselines optionally with a budget (tome:keep=0.25); a baseline without one gets --match's FLOPs ratio")
+    p.add_argument("--match", default="luvc", help="method whose theoretical LLM FLOPs ratio budget-less baselines are given")
+    p.add_argument("--sweep", action="store_true", help=f"every baseline at keep ratios {list(SWEEP_KEEP)}, luvc at "
+                   "0, 1 (default) and 2 OIM merge steps: one curve per method in the plot")
     p.add_argument("--limit", type=_positive, help="evaluate only the first N examples")
     p.add_argument("--max-new-tokens", type=_positive, default=8)
     p.add_argument("--json", metavar="OUT", help='write {"results": [...], ...} here')
@@ -263,8 +273,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         examples = load_jsonl(args.data) if args.data else synthvqa_test_set()
     except (OSError, ValueError) as e:
         raise UserError(f"--data: {e}") from None
-    methods = [method_config(name.strip()) for name in args.methods.split(",") if name.strip()]
-    report = evaluate(args.model, examples, methods, args.limit, max_new_tokens=args.max_new_tokens)
+    specs = [name.strip() for name in args.methods.split(",") if name.strip()]
+    runs = {config_label(cfg): cfg for cfg in expand_methods(specs, args.sweep)}
+    budgetless = [label for label, spec in zip(runs, specs) if not args.sweep and runs[label].method in BASELINES and ":" not in spec]
+    if budgetless:
+        matched = match_budgets(args.model, examples, [runs[label] for label in budgetless], method_config(args.match))
+        runs = {label: cfg for label, cfg in runs.items() if label not in budgetless} | {config_label(c): c for c in matched}
+    report = evaluate(args.model, examples, runs, args.limit, max_new_tokens=args.max_new_tokens)
     report["data"] = args.data or f"synthvqa test (seed {TEST_SEED})"
     print(format_table(report["results"]))
     if args.json:

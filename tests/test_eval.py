@@ -92,3 +92,24 @@ def test_cli_writes_json_and_plot(tiny_qwen2vl, data, tmp_path):
     assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "nope"]) == 2
     with pytest.raises(SystemExit):
         main(["eval", "--limit", "0"])
+
+
+def test_budgetless_baselines_are_matched_to_luvc(tiny_qwen2vl, data, tmp_path):
+    out = tmp_path / "matched.json"
+    assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "luvc,tome,random:keep=0.5",
+                 "--limit", "4", "--json", str(out)]) == 0
+    results = {r["config"]["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["random"]["config"]["baseline"]["keep_ratio"] == 0.5  # an explicit budget is kept
+    assert results["tome"]["llm_flops_ratio"] == pytest.approx(results["luvc"]["llm_flops_ratio"], rel=0.1)
+
+
+def test_sweep_runs_every_budget_and_plots_one_curve_per_method(tiny_qwen2vl, data, tmp_path):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "luvc,pool", "--sweep",
+                 "--limit", "2", "--json", str(out), "--plot", str(png)]) == 0
+    results = json.loads(out.read_text())["results"]
+    pools = [r for r in results if r["config"]["method"] == "pool"]
+    assert len(pools) == 4 and len([r for r in results if r["config"]["method"] == "luvc"]) == 3
+    tokens = [r["visual_tokens_llm_in"] for r in pools]
+    assert tokens == sorted(tokens, reverse=True) and len(set(tokens)) == 4  # each halving pools further
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
