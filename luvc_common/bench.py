@@ -57,13 +57,10 @@ def shape_checkpoint(shape: str, cache: Path) -> Path:
     from luvc_common.tokenizer import build_tokenizer
 
     sizes, tokenizer = SHAPES[shape], build_tokenizer()
-    config = tiny_config("qwen2_vl", tokenizer, init_range=0.02)
     text = dict(sizes["text"])
-    config.text_config.rope_parameters["mrope_section"] = text.pop("mrope")
-    for key, value in text.items():
-        setattr(config.text_config, key, value)
-    for key, value in {**sizes["vision"], "hidden_size": text["hidden_size"]}.items():
-        setattr(config.vision_config, key, value)
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": text.pop("mrope")}
+    config = tiny_config("qwen2_vl", tokenizer, init_range=0.02, text_overrides={**text, "rope_parameters": rope},
+                         vision_overrides={**sizes["vision"], "hidden_size": text["hidden_size"]})
     torch.manual_seed(0)
     model = FAMILIES["qwen2_vl"][1](config).to(torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{shape}-"))

@@ -221,13 +221,11 @@ def plot(report: dict, path: str | Path) -> None:
             rs_sorted = sorted(rs, key=lambda r: r[key])
             ax.plot([r[key] for r in rs_sorted], [r["accuracy"] for r in rs_sorted], style, color=color, lw=1, marker="o",
                     markerfacecolor=face, label=family if key == "llm_flops_ratio" else None)
-        if len(rs) == 1:
-            ax.annotate(rs[0]["method"], (rs[0]["llm_flops_ratio"], rs[0]["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
     acc = [r["accuracy"] for r in results]
     ax.set_xlabel('LLM speedup over "none" (x): solid = theoretical FLOPs ratio, dashed = measured prefill time ratio')
     ax.set_ylabel("accuracy (exact match)")
     ax.set_ylim(max(0.0, min(acc) - 0.1) - 0.02, min(1.0, max(acc) + 0.1) + 0.02)
-    ax.set_title(f"{Path(report['model']).name}, n={report['n']}", fontsize=10)
+    ax.set_title(f"{report['model']}, n={report['n']}", fontsize=10)
     ax.xaxis.label.set_size(8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -22,8 +22,10 @@ FAMILIES = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration), "qwen2
 
 
 def tiny_config(family: str, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256,
-                vision_dim: int = 128, init_range: float = 0.1):
-    """Config of a ~4M-parameter model (defaults): vision vision_dim x vision_depth, LLM hidden x text_layers."""
+                vision_dim: int = 128, init_range: float = 0.1, text_overrides: dict | None = None,
+                vision_overrides: dict | None = None):
+    """Config of a ~4M-parameter model (defaults): vision vision_dim x vision_depth, LLM hidden x text_layers;
+    the overrides replace text / vision config fields (e.g. a real model's shape)."""
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
@@ -39,7 +41,7 @@ def tiny_config(family: str, tokenizer, text_layers: int = 4, vision_depth: int 
                       fullatt_block_indexes=[vision_depth - 1])
     config_cls, _ = FAMILIES[family]
     return config_cls(
-        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        text_config={**text, **(text_overrides or {})}, vision_config={**vision, **(vision_overrides or {})}, tie_word_embeddings=True,
         image_token_id=ids(IMAGE_PAD), video_token_id=ids(VIDEO_PAD),
         vision_start_token_id=ids(VISION_START), vision_end_token_id=ids(VISION_END),
         bos_token_id=ids(PAD), eos_token_id=ids(IM_END), pad_token_id=ids(PAD),
