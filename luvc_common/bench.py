@@ -146,18 +146,20 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
         encoder.start()
         with LUVCClient(encoder.target) as client:
             run = lambda spec: _one(client, engine, hidden, limits, media, prompt_for, configs[spec], method_spec(configs[spec]), wire, decode_tokens)  # noqa: E731
-            # baselines named without a budget get luvc's theoretical FLOPs ratio (or 0.25 without luvc)
-            probe = {s: run(s) for s in specs}
-            if "luvc" in probe:
-                base, ref = probe["none"]["uncompressed"], probe["luvc"]["tokens_per_layer"]
-                target = flops_ratio(base, ref, engine.config.text_config)
-                text = probe["none"]["tokens_per_layer"][0] - probe["none"]["visual_per_layer"][0]
+            # warm-up: none and luvc first, so baselines named without a budget can get luvc's
+            # theoretical FLOPs ratio (the default 0.25 when luvc is not benchmarked)
+            warm = {s: run(s) for s in specs if s in ("none", "luvc")}
+            if "luvc" in warm:
+                none = warm["none"]
+                target = flops_ratio(none["uncompressed"], warm["luvc"]["tokens_per_layer"], engine.config.text_config)
+                visual = none["visual_per_layer"][0]
                 for s, cfg in configs.items():
                     if cfg.method in BASELINES and ":" not in s:
-                        configs[s] = with_matched_budget(cfg, target, text, probe["none"]["visual_per_layer"][0],
+                        configs[s] = with_matched_budget(cfg, target, none["tokens_per_layer"][0] - visual, visual,
                                                          engine.config.text_config, engine.num_layers)
-            for spec in specs:  # warm-up at the final budgets
-                run(spec)
+            for spec in specs:
+                if spec not in warm:
+                    run(spec)
             bar = tqdm(total=repeats * len(specs), desc=f"bench {shape}", unit="run", disable=not progress)
             for _ in range(repeats):
                 for spec in specs:

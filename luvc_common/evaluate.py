@@ -155,7 +155,7 @@ def evaluate(
 
 
 def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]:
-    """The configs of method specs; with sweep, every baseline at SWEEP_KEEP and luvc at SWEEP_LUVC."""
+    """The configs of method specs, one per spec; with sweep, every baseline at SWEEP_KEEP and luvc at SWEEP_LUVC."""
     configs = []
     for spec in specs:
         cfg = method_config(spec)
@@ -272,11 +272,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise UserError(f"--data: {e}") from None
     specs = [name.strip() for name in args.methods.split(",") if name.strip()]
-    runs = {config_label(cfg): cfg for cfg in expand_methods(specs, args.sweep)}
-    budgetless = [label for label, spec in zip(runs, specs) if not args.sweep and runs[label].method in BASELINES and ":" not in spec]
+    configs = expand_methods(specs, args.sweep)
+    budgetless = [] if args.sweep else [i for i, spec in enumerate(specs) if configs[i].method in BASELINES and ":" not in spec]
     if budgetless:
-        matched = match_budgets(args.model, examples, [runs[label] for label in budgetless], method_config(args.match))
-        runs = {label: cfg for label, cfg in runs.items() if label not in budgetless} | {config_label(c): c for c in matched}
+        matched = match_budgets(args.model, examples, [configs[i] for i in budgetless], method_config(args.match))
+        for i, cfg in zip(budgetless, matched):
+            configs[i] = cfg
+    runs = {config_label(cfg): cfg for cfg in configs}
     report = evaluate(args.model, examples, runs, args.limit, max_new_tokens=args.max_new_tokens)
     report["data"] = args.data or f"synthvqa test (seed {TEST_SEED})"
     print(format_table(report["results"]))

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from luvc_common.config import CompressionConfig, Limits
+from luvc_common.config import CompressionConfig, Limits, method_spec
 from luvc_common.errors import PromptError
 from luvc_common.media import Media, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
-from luvc_common.models.qwen_language import LanguageEngine, Request
+from luvc_common.models.qwen_language import LanguageEngine, Request, present_counts
 from luvc_common.models.qwen_vision import encode
 from luvc_common.prompt import build_prompt_ids, check_question
 
@@ -51,7 +51,7 @@ class EncodedMedia:
 
     def token_counts(self, unit: int) -> list[int]:
         """Visual tokens actually present per item (rows of `embeds`)."""
-        return [n if c is None else len(c) for n, c in zip(self.grid_counts(unit), self.cells)]
+        return present_counts(self.grid_counts(unit), self.cells)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class TextGenerator:
         gen = self.engine.generate([request], compression, max_new_tokens, on_step=on_step)
         tokens = gen.token_ids[0]
         return GenerateResult(
-            model=self.model_path, method=compression.method, prompt_ids=ids, token_ids=tokens,
+            model=self.model_path, method=method_spec(compression), prompt_ids=ids, token_ids=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             visual_tokens={
                 "vit_patches": encoded.vit_patches,

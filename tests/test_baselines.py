@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from luvc_common.compression import baselines as B
-from luvc_common.config import BASELINES, LLM_BASELINES, VISION_BASELINES, method_config
+from luvc_common.config import BASELINES, LLM_BASELINES, VISION_BASELINES, method_config, method_spec
 from luvc_common.errors import ConfigError
 from luvc_common.flops import flops_ratio, matched_keep_ratio
 from luvc_common.models.loading import ModelConfig
@@ -86,6 +86,8 @@ def test_method_specs():
     assert method_config("tome:keep=0.125").baseline.keep_ratio == 0.125
     assert method_config("dart:keep=0.3,layer=0.5").baseline.layer == 0.5
     assert method_config("random:seed=7").baseline.seed == 7
+    for spec in ("none", "luvc", "tome", "dart:keep=0.3,layer=0.5", "random:keep=0.125,seed=7", "visionzip:dominant=0.5"):
+        assert method_config(method_spec(method_config(spec))) == method_config(spec)
     for bad, words in [("tome:keep=0", "keep_ratio"), ("luvc:keep=0.5", "name[:key=value"), ("fastv:bogus=1", "keys"),
                        ("pool:keep=half", "not a float"), ("tomee", "one of")]:
         with pytest.raises(ConfigError, match=words.replace("[", r"\[")):

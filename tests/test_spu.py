@@ -109,7 +109,7 @@ def test_counts_follow_schedule_and_text_is_untouched(pipeline, demo_image, demo
 def _request(ids, encoded):
     from luvc_common.models.qwen_language import Request
 
-    return Request(ids, encoded.embeds, encoded.grids)
+    return Request(ids, encoded.embeds, encoded.grids, encoded.cells)
 
 
 @pytest.mark.parametrize("method", ["none", "luvc"])
@@ -129,9 +129,12 @@ def test_cached_decode_equals_recomputation(pipeline, demo_image, method):
     assert fresh.visual_per_layer == state.visual_per_layer
 
 
-def test_batch_with_padding_equals_requests_alone(pipeline, demo_image, demo_video):
+@pytest.mark.parametrize("spec", ["luvc", "fastv:keep=0.3", "dart:keep=0.3", "visionzip:keep=0.5", "random:keep=0.4"])
+def test_batch_with_padding_equals_requests_alone(pipeline, demo_image, demo_video, spec):
+    """Rows of different lengths, pruned differently (SPU stages, one baseline layer, or encoder cells
+    dropped before layer 0), give each request's own answer."""
     gen = pipeline.generator
-    cfg = method_config("luvc")
+    cfg = method_config(spec)
     a = pipeline.encoder.encode([demo_image], cfg)
     b = pipeline.encoder.encode([demo_video], cfg)
     ra = _request(gen.prompt_ids("What color is the circle?", a), a)

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from luvc_common.compression import baselines, spu
 from luvc_common.config import LLM_BASELINES, CompressionConfig, SPUConfig
 from luvc_common.errors import ConfigError, PromptError
-from luvc_common.models.qwen_vision import attention_implementation
+from luvc_common.models.loading import attention_implementation
 
 
 @dataclass
@@ -38,14 +38,17 @@ class Request:
     """(n_visual, D) projector output for all media items, in prompt order."""
     grids: list[tuple[int, int, int]]
     """Per media item, the (merged) ViT grid (t, h, w) the encoder reported."""
-    cells: list[Tensor | None] = field(default_factory=list)
-    """Per media item, the raster cells of its LLM-token grid that `embeds` fills (None or absent:
-    all of them)."""
+    cells: list[Tensor | None] | None = None
+    """Per media item, the raster cells of its LLM-token grid that `embeds` fills (None: all of them);
+    None for all items when no item is a subset."""
 
-    def present(self, counts: list[int]) -> list[int]:
-        """Visual tokens supplied per item, given the items' full-grid counts."""
-        cells = self.cells or [None] * len(counts)
-        return [n if c is None else len(c) for n, c in zip(counts, cells)]
+    def __post_init__(self) -> None:
+        self.cells = self.cells or [None] * len(self.grids)
+
+
+def present_counts(grid_counts: list[int], cells: list[Tensor | None]) -> list[int]:
+    """Visual tokens present per item: its full-grid count, or the number of its cells."""
+    return [n if c is None else len(c) for n, c in zip(grid_counts, cells)]
 
 
 @dataclass
@@ -95,10 +98,11 @@ class LanguageEngine:
         is_media = torch.isin(ids, torch.tensor(list(self.media_token_types)))
         positions = is_media.nonzero().flatten().tolist()
         counts = [t * h * w // self.unit**2 for t, h, w in req.grids]
-        if len(positions) != sum(counts) or sum(req.present(counts)) != len(req.embeds):
+        present = sum(present_counts(counts, req.cells))
+        if len(positions) != sum(counts) or present != len(req.embeds):
             raise PromptError(
                 f"prompt has {len(positions)} visual placeholder tokens, the media grids give {sum(counts)} "
-                f"(grids {req.grids}), {sum(req.present(counts))} of them present, and {len(req.embeds)} "
+                f"(grids {req.grids}), {present} of them present, and {len(req.embeds)} "
                 "visual embeddings were supplied"
             )
         spans, offset = [], 0
@@ -135,8 +139,7 @@ class LanguageEngine:
         hidden = self.lm.embed_tokens(ids.to(device))
         absent = torch.zeros_like(valid)
         for b, r in enumerate(requests):
-            cells = r.cells or [None] * len(spans[b])
-            for s, e, c in zip(spans[b], r.embeds.split(r.present([s.length for s in spans[b]])), cells):
+            for s, e, c in zip(spans[b], r.embeds.split(present_counts([s.length for s in spans[b]], r.cells)), r.cells):
                 at = s.start + (torch.arange(s.length) if c is None else c.cpu().long())
                 hidden[b, at.to(device)] = e.to(device, dtype)
                 absent[b, s.start : s.start + s.length] = True

@@ -7,7 +7,6 @@ step has changed the grids. With no merge steps it computes exactly the stock fo
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from luvc_common.compression import baselines
 from luvc_common.compression.oim import TokenGrid, merge_layers, merge_step, step_axes
 from luvc_common.config import BaselineConfig, CompressionConfig
 from luvc_common.errors import ConfigError
+from luvc_common.models.loading import attention_implementation
 
 
 @dataclass
@@ -32,17 +32,6 @@ class VisionOutput:
     """(n_items, 3) ViT grid per item that placeholders and M-RoPE follow."""
     cells: list[Tensor | None]
     """Per item, the LLM-token raster cells (of grid / unit) its tokens sit on, increasing; None = every cell."""
-
-
-@contextmanager
-def attention_implementation(config, name: str):
-    """Run a module whose attention reads `config` with another registered attention function."""
-    old = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
 
 
 def _proportional_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, size_log=None, **kwargs):
