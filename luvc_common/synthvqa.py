@@ -123,6 +123,23 @@ def answer_for(scene: Scene, spec: QuestionSpec) -> str:
     return POSITIONS[3 * obj.cy // scene.height][3 * obj.cx // scene.width]
 
 
+def scene_questions(scene: Scene) -> list[QuestionSpec]:
+    """The DESIGN-6 questions the scene answers unambiguously; counts of each shape, and of each colour-shape
+    pair present (not of the many absent pairs), when the answer is 0-9."""
+    if scene.text:
+        return [QuestionSpec("read")]
+    if scene.bars:
+        return [QuestionSpec("chart")]
+    def n(color: str | None, shape: str | None) -> int:
+        return sum(color in (None, o.color) and shape in (None, o.shape) for o in scene.objects)
+    specs = [QuestionSpec("color", shape=s) for s in SHAPES if n(None, s) == 1]
+    specs += [QuestionSpec("shape", color=c) for c in COLORS if n(c, None) == 1]
+    specs += [QuestionSpec("position", c, s) for c in COLORS for s in SHAPES if n(c, s) == 1]
+    specs += [QuestionSpec("count", None, s) for s in SHAPES if n(None, s) <= 9]
+    specs += [QuestionSpec("count", c, s) for c in COLORS for s in SHAPES if 1 <= n(c, s) <= 9]
+    return specs
+
+
 def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
@@ -150,11 +167,11 @@ def _place(rng: np.random.Generator, scene: Scene, kinds: list[tuple[str, str]],
     return Scene(scene.width, scene.height, scene.background, tuple(objects))
 
 
-def _build(rng: np.random.Generator, task: str) -> tuple[Scene, QuestionSpec]:
+def _build(rng: np.random.Generator, task: str, max_distractors: int) -> tuple[Scene, QuestionSpec]:
     w, h = (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
     scene = Scene(w, h, tuple(int(v) for v in rng.integers(225, 256, size=3)))
     color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
-    n_distractors = int(rng.integers(0, 4))
+    n_distractors = int(rng.integers(0, max_distractors + 1))
     if task == "color":  # the only object of its shape
         kinds = [(color, shape)] + _kinds(rng, n_distractors, lambda c, s: s != shape)
         return _place(rng, scene, kinds, (14, 31)), QuestionSpec(task, shape=shape)
@@ -165,7 +182,7 @@ def _build(rng: np.random.Generator, task: str) -> tuple[Scene, QuestionSpec]:
         ask_color = bool(rng.random() < 0.5)
         asked = lambda c, s: s == shape and (c == color or not ask_color)
         targets = _kinds(rng, int(rng.integers(0, 10)), asked)
-        kinds = targets + _kinds(rng, int(rng.integers(0, 5)), lambda c, s: not asked(c, s))
+        kinds = targets + _kinds(rng, int(rng.integers(0, max_distractors + 2)), lambda c, s: not asked(c, s))
         return _place(rng, scene, kinds, (6, 12)), QuestionSpec(task, color if ask_color else None, shape)
     if task == "position":  # centre well inside one of the 3x3 cells
         row, col, s = int(rng.integers(3)), int(rng.integers(3)), int(rng.integers(12, 21))
@@ -195,13 +212,15 @@ def _build(rng: np.random.Generator, task: str) -> tuple[Scene, QuestionSpec]:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_example(seed: int, index: int, task: str | None = None) -> Example:
-    """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written."""
+def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3) -> Example:
+    """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written.
+
+    max_distractors < 3 makes easier object scenes (a training curriculum); the datasets use 3."""
     task = task or TASKS[index % len(TASKS)]
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     for _ in range(50):
         try:
-            scene, spec = _build(rng, task)
+            scene, spec = _build(rng, task, max_distractors)
             return Example(scene, spec, question_text(spec), answer_for(scene, spec), task)
         except _Crowded:
             continue

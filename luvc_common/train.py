@@ -31,8 +31,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from luvc_common.media import Media, patchify
 from luvc_common.models.tiny import tiny_config
 from luvc_common.prompt import build_prompt_ids
-from luvc_common.synthvqa import TASKS, make_example, render
-from luvc_common.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
+from luvc_common.synthvqa import TASKS, Example, QuestionSpec, answer_for, make_example, question_text, render, scene_questions
+from luvc_common.tokenizer import IM_END, IM_START, IMAGE_PAD, PAD, build_tokenizer
 
 VAL_SEED = 2000
 HELD_OUT_SEEDS = (2000, 3000)  # validation and test splits: never trained on
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1000, help="SynthVQA training seed (and torch init seed)")
+    p.add_argument("--questions", type=int, default=1, help="questions per training image (extra chat turns about the same scene)")
+    p.add_argument("--curriculum", type=int, default=0, help="steps over which object scenes grow from 0 to 3 distractors (0: always up to 3)")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--vision-depth", type=int, default=4)
@@ -63,8 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+BACKGROUND = 0.94
+"""Mean SynthVQA background intensity (225-255 of 255): normalising around it makes empty patches embed
+near zero, so at initialisation the visual tokens that differ between images are the objects."""
+
+
 def image_processor(max_pixels: int) -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=max_pixels)
+    return Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=max_pixels, image_mean=[BACKGROUND] * 3, image_std=[0.3] * 3)
 
 
 def build_model(args: argparse.Namespace, tokenizer) -> Qwen2VLForConditionalGeneration:
@@ -82,14 +89,43 @@ def build_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-def encode_example(seed: int, index: int, tokenizer, processor) -> dict:
-    """Prompt + answer ids (labels only on the answer and its <|im_end|>), patches and grid of one example."""
-    ex = make_example(seed, index)
+def extra_questions(ex: Example, k: int, rng: np.random.Generator) -> list[QuestionSpec]:
+    """Up to k more questions about ex's scene besides its own: each picks a task at random, then a question of it."""
+    by_task: dict[str, list[QuestionSpec]] = {}
+    for spec in scene_questions(ex.scene):
+        if spec != ex.spec:
+            by_task.setdefault(spec.task, []).append(spec)
+    picked = []
+    while by_task and len(picked) < k:
+        task = sorted(by_task)[int(rng.integers(len(by_task)))]
+        picked.append(by_task[task].pop(int(rng.integers(len(by_task[task])))))
+        if not by_task[task]:
+            del by_task[task]
+    return picked
+
+
+def encode_example(seed: int, index: int, tokenizer, processor, questions: int = 1, max_distractors: int = 3) -> dict:
+    """Prompt + answer ids (labels only on answers and their <|im_end|>), patches and grid of one example.
+
+    The first turn is the example itself, in the serving prompt format; with questions > 1, further
+    turns ask other questions about the same image, so one vision forward trains several answers.
+    """
+    ex = make_example(seed, index, max_distractors=max_distractors)
     pixels, grid = patchify([Media("image", [render(ex.scene)])], processor)
     n_tokens = int(grid.prod()) // processor.merge_size**2
     prompt = build_prompt_ids(tokenizer, ex.question, ["image"], [n_tokens], 1 << 20)
-    answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(IM_END)]
-    return dict(ids=prompt + answer, labels=[-100] * len(prompt) + answer, pixels=pixels, grid=grid, task=ex.task)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    ids, labels = [], []
+    turns = [(prompt, ex.answer)]
+    rng = np.random.Generator(np.random.PCG64([seed, index, 1]))
+    for spec in extra_questions(ex, questions - 1, rng):
+        turn = f"\n{IM_START}user\n{question_text(spec)}{IM_END}\n{IM_START}assistant\n"
+        turns.append((tokenizer(turn, add_special_tokens=False)["input_ids"], answer_for(ex.scene, spec)))
+    for prompt_ids, answer in turns:
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
+        ids += prompt_ids + answer_ids
+        labels += [-100] * len(prompt_ids) + answer_ids
+    return dict(ids=ids, labels=labels, pixels=pixels, grid=grid, task=ex.task)
 
 
 def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Tensor]:
@@ -105,8 +141,9 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
                 pixel_values=torch.cat([it["pixels"] for it in items]), image_grid_thw=torch.cat([it["grid"] for it in items]))
 
 
-def make_batch(seed: int, indices: range, tokenizer, processor) -> tuple[dict[str, Tensor], list[str]]:
-    items = [encode_example(seed, i, tokenizer, processor) for i in indices]
+def make_batch(seed: int, indices: range, tokenizer, processor, questions: int = 1,
+               max_distractors: int = 3) -> tuple[dict[str, Tensor], list[str]]:
+    items = [encode_example(seed, i, tokenizer, processor, questions, max_distractors) for i in indices]
     ids = tokenizer.convert_tokens_to_ids
     return collate(items, ids(PAD), ids(IMAGE_PAD)), [it["task"] for it in items]
 
@@ -215,7 +252,9 @@ def train(args: argparse.Namespace) -> dict:
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor)
+            distractors = min(3, 4 * step // args.curriculum) if args.curriculum else 3
+            batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor,
+                                  args.questions, distractors)
             t_model = time.time()
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)

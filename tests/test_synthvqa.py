@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from luvc_common.synthvqa import (ANSWERS, COLORS, TASKS, load_jsonl, make_example, normalize_answer,
-                                  render, write_dataset)
+from luvc_common.synthvqa import (ANSWERS, COLORS, TASKS, QuestionSpec, Scene, Shape, answer_for, load_jsonl,
+                                  make_example, normalize_answer, render, scene_questions, write_dataset)
 
 N = 60  # ten examples of each task
 
@@ -80,6 +80,32 @@ def test_answers_recomputed_from_scene():
         for i in range(N):
             ex = make_example(11, i, task)
             assert ex.task == task and ex.answer == _independent_answer(ex), (task, i, ex.question)
+
+
+def test_scene_questions_by_hand():
+    scene = Scene(224, 224, (250, 250, 250), (Shape("circle", "red", 30, 30, 10), Shape("circle", "blue", 190, 190, 10),
+                                              Shape("square", "red", 112, 112, 10)))
+    asked = {(q.task, q.color, q.shape): answer_for(scene, q) for q in scene_questions(scene)}
+    assert asked == {
+        ("color", None, "square"): "red", ("shape", "blue", None): "circle",  # the only square / the only blue object
+        ("position", "red", "circle"): "top left", ("position", "blue", "circle"): "bottom right",
+        ("position", "red", "square"): "center",
+        ("count", None, "circle"): "2", ("count", None, "square"): "1", ("count", None, "triangle"): "0",
+        ("count", "red", "circle"): "1", ("count", "blue", "circle"): "1", ("count", "red", "square"): "1",
+    }
+    assert scene_questions(make_example(0, 4, "read").scene) == [QuestionSpec("read")]
+    assert scene_questions(make_example(0, 5, "chart").scene) == [QuestionSpec("chart")]
+
+
+def test_scene_questions_include_the_example_and_are_answerable():
+    for task in TASKS:
+        for i in range(N):
+            ex = make_example(12, i, task)
+            specs = scene_questions(ex.scene)
+            assert ex.spec in specs or (task == "count" and ex.answer == "0")  # absent colour-shape pairs are left out
+            for spec in specs:
+                answer = answer_for(ex.scene, spec)  # raises on an ambiguous reference
+                assert answer in ANSWERS[spec.task] if ANSWERS[spec.task] else answer == ex.answer
 
 
 def test_rendered_pixels_match_scene():

@@ -8,7 +8,8 @@ from safetensors import safe_open
 from transformers import Qwen2VLForConditionalGeneration
 
 from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.train import Schedule, add_arguments, build_model, build_optimizer, image_processor, load_checkpoint, make_batch, train
+from luvc_common.train import (Schedule, add_arguments, build_model, build_optimizer, encode_example, image_processor,
+                               load_checkpoint, make_batch, train)
 from luvc_common.tokenizer import build_tokenizer
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
@@ -32,6 +33,20 @@ def test_loss_falls_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_extra_questions_are_further_turns_about_the_same_image():
+    tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
+    for index in range(6):  # one example of each task
+        one, many = (encode_example(1000, index, tokenizer, processor, q) for q in (1, 4))
+        n = len(one["ids"])
+        assert many["ids"][:n] == one["ids"] and many["labels"][:n] == one["labels"]  # first turn: the serving format
+        assert torch.equal(many["pixels"], one["pixels"])
+        text = tokenizer.decode(many["ids"][n:])
+        answers = tokenizer.decode([t for t in many["labels"][n:] if t != -100])
+        turns = text.count("assistant")
+        assert turns == (3 if one["task"] in ("color", "shape", "count", "position") else 0)
+        assert answers.count("<|im_end|>") == turns and "user" not in answers
 
 
 def test_resume_continues_exactly(tmp_path):
