@@ -10,6 +10,7 @@ from transformers import Qwen2VLForConditionalGeneration
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.train import (Schedule, add_arguments, build_model, build_optimizer, encode_example, image_processor,
                                load_checkpoint, make_batch, train)
+from luvc_common.synthvqa import make_example
 from luvc_common.tokenizer import build_tokenizer
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
@@ -47,6 +48,15 @@ def test_extra_questions_are_further_turns_about_the_same_image():
         turns = text.count("assistant")
         assert turns == (3 if one["task"] in ("color", "shape", "count", "position") else 0)
         assert answers.count("<|im_end|>") == turns and "user" not in answers
+
+
+def test_task_subset_and_curriculum_scenes():
+    tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
+    _, tasks = make_batch(1000, range(6), tokenizer, processor, tasks=("color", "chart"))
+    assert tasks == ["color", "chart"] * 3
+    easy = [make_example(1000, i, "shape", max_distractors=0) for i in range(12)]
+    assert all(len(ex.scene.objects) == 1 for ex in easy)
+    assert any(len(make_example(1000, i, "shape").scene.objects) > 1 for i in range(12))
 
 
 def test_resume_continues_exactly(tmp_path):
