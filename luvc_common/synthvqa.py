@@ -167,8 +167,8 @@ def _place(rng: np.random.Generator, scene: Scene, kinds: list[tuple[str, str]],
     return Scene(scene.width, scene.height, scene.background, tuple(objects))
 
 
-def _build(rng: np.random.Generator, task: str, max_distractors: int) -> tuple[Scene, QuestionSpec]:
-    w, h = (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
+def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int | None) -> tuple[Scene, QuestionSpec]:
+    w, h = (side, side) if side else (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
     scene = Scene(w, h, tuple(int(v) for v in rng.integers(225, 256, size=3)))
     color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
     n_distractors = int(rng.integers(0, max_distractors + 1))
@@ -212,15 +212,16 @@ def _build(rng: np.random.Generator, task: str, max_distractors: int) -> tuple[S
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3) -> Example:
+def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3, side: int | None = None) -> Example:
     """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written.
 
-    max_distractors < 3 makes easier object scenes (a training curriculum); the datasets use 3."""
+    For training curricula: max_distractors < 3 makes easier object scenes, and `side` fixes the image
+    size (a multiple of 28 in 224..672); the datasets use 3 and the varied sizes."""
     task = task or TASKS[index % len(TASKS)]
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     for _ in range(50):
         try:
-            scene, spec = _build(rng, task, max_distractors)
+            scene, spec = _build(rng, task, max_distractors, side)
             return Example(scene, spec, question_text(spec), answer_for(scene, spec), task)
         except _Crowded:
             continue

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=1, help="questions per training image (extra chat turns about the same scene)")
     p.add_argument("--curriculum", type=int, default=0, help="steps over which object scenes grow from 0 to 3 distractors (0: always up to 3)")
     p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS, help="comma-separated task families to train on")
+    p.add_argument("--side", type=int, default=None, help="fixed training image side (multiple of 28, 224-672); default: SynthVQA's varied sizes")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--vision-depth", type=int, default=4)
@@ -101,13 +102,13 @@ def extra_questions(ex: Example, k: int, rng: np.random.Generator) -> list[Quest
 
 
 def encode_example(seed: int, index: int, tokenizer, processor, questions: int = 1, max_distractors: int = 3,
-                   tasks: tuple[str, ...] = TASKS) -> dict:
+                   tasks: tuple[str, ...] = TASKS, side: int | None = None) -> dict:
     """Prompt + answer ids (labels only on answers and their <|im_end|>), patches and grid of one example.
 
     The first turn is the example itself, in the serving prompt format; with questions > 1, further
     turns ask other questions about the same image, so one vision forward trains several answers.
     """
-    ex = make_example(seed, index, tasks[index % len(tasks)], max_distractors)
+    ex = make_example(seed, index, tasks[index % len(tasks)], max_distractors, side)
     pixels, grid = patchify([Media("image", [render(ex.scene)])], processor)
     n_tokens = int(grid.prod()) // processor.merge_size**2
     prompt = build_prompt_ids(tokenizer, ex.question, ["image"], [n_tokens], 1 << 20)
@@ -139,8 +140,8 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
 
 
 def make_batch(seed: int, indices: range, tokenizer, processor, questions: int = 1, max_distractors: int = 3,
-               tasks: tuple[str, ...] = TASKS) -> tuple[dict[str, Tensor], list[str]]:
-    items = [encode_example(seed, i, tokenizer, processor, questions, max_distractors, tasks) for i in indices]
+               tasks: tuple[str, ...] = TASKS, side: int | None = None) -> tuple[dict[str, Tensor], list[str]]:
+    items = [encode_example(seed, i, tokenizer, processor, questions, max_distractors, tasks, side) for i in indices]
     ids = tokenizer.convert_tokens_to_ids
     return collate(items, ids(PAD), ids(IMAGE_PAD)), [it["task"] for it in items]
 
@@ -251,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
                 group["lr"] = lr
             distractors = min(3, 4 * step // args.curriculum) if args.curriculum else 3
             batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor,
-                                  args.questions, distractors, args.tasks)
+                                  args.questions, distractors, args.tasks, args.side)
             t_model = time.time()
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)

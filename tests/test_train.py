@@ -57,6 +57,7 @@ def test_task_subset_and_curriculum_scenes():
     easy = [make_example(1000, i, "shape", max_distractors=0) for i in range(12)]
     assert all(len(ex.scene.objects) == 1 for ex in easy)
     assert any(len(make_example(1000, i, "shape").scene.objects) > 1 for i in range(12))
+    assert {(ex.scene.width, ex.scene.height) for ex in (make_example(1000, i, side=252) for i in range(12))} == {(252, 252)}
 
 
 def test_resume_continues_exactly(tmp_path):
