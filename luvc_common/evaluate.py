@@ -28,8 +28,9 @@ from luvc_common.config import (BASELINES, DEFAULT_MODEL, METHOD_NAMES, VISION_B
                                 CompressionConfig, OIMConfig, method_config, method_spec)
 from luvc_common.errors import UserError
 
-TEST_SEED, TEST_N = 3000, 600
-"""The bundled SynthVQA test split: make_example(3000, i) for i < 600 (100 per task)."""
+VALIDATION_SEED, TEST_SEED, TEST_N = 2000, 3000, 600
+"""SynthVQA's held-out splits, never trained on: make_example(seed, i). The bundled test split is
+i < 600 of seed 3000 (100 per task); validation (seed 2000) is for choosing defaults."""
 BASELINE = method_config("none")
 SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
@@ -37,12 +38,12 @@ SWEEP_LUVC = (OIMConfig(merge_depths=()), OIMConfig(), OIMConfig(merge_depths=(0
 """luvc's --sweep points: 0, 1 (the default) or 2 OIM merge steps, each with the default SPU cascade."""
 
 
-def synthvqa_test_set(n: int = TEST_N) -> list[dict]:
-    """The bundled test split as records like load_jsonl's, with the Scene as "image" (rendered on use)."""
+def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
+    """A held-out split as records like load_jsonl's, with the Scene as "image" (rendered on use)."""
     from luvc_common.synthvqa import make_example
 
     return [{"image": ex.scene, "question": ex.question, "answer": ex.answer, "task": ex.task}
-            for ex in (make_example(TEST_SEED, i) for i in range(n))]
+            for ex in (make_example(seed, i) for i in range(n))]
 
 
 def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
@@ -234,7 +235,7 @@ def plot(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def _positive(s: str) -> int:
+def positive_int(s: str) -> int:
     if (v := int(s)) <= 0:
         raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
     return v
@@ -256,8 +257,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--match", default="luvc", help="method whose theoretical LLM FLOPs ratio budget-less baselines are given")
     p.add_argument("--sweep", action="store_true", help=f"every baseline at keep ratios {list(SWEEP_KEEP)}, luvc at "
                    "0, 1 (default) and 2 OIM merge steps: one curve per method in the plot")
-    p.add_argument("--limit", type=_positive, help="evaluate only the first N examples")
-    p.add_argument("--max-new-tokens", type=_positive, default=8)
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N examples")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
     p.add_argument("--json", metavar="OUT", help='write {"results": [...], ...} here')
     p.add_argument("--plot", metavar="PNG", help="write an accuracy vs LLM speedup plot here")
     p.set_defaults(func=cmd_eval)
@@ -268,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from luvc_common.synthvqa import load_jsonl
 
     try:
-        examples = load_jsonl(args.data) if args.data else synthvqa_test_set()
+        examples = load_jsonl(args.data) if args.data else synthvqa_split()
     except (OSError, ValueError) as e:
         raise UserError(f"--data: {e}") from None
     specs = [name.strip() for name in args.methods.split(",") if name.strip()]

@@ -28,6 +28,11 @@ def check_question(question: str) -> None:
         raise PromptError(f"prompt contains a reserved special token (one of {RESERVED})")
 
 
+def chat_turn(question: str) -> str:
+    """A user turn asking `question`, then the assistant header its answer follows (Qwen chat format)."""
+    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
+
+
 def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: list[int], max_tokens: int) -> list[int]:
     """Token ids of a one-turn chat prompt asking `question` about the media items.
 
@@ -42,7 +47,7 @@ def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: l
         raise PromptError(f"prompt places media {marks} but the request has media {kinds}")
     for kind in kinds:
         question = question.replace(MARKS[kind], VISION_START + PADS[kind] + VISION_END, 1)
-    ids = tokenizer(f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(chat_turn(question), add_special_tokens=False)["input_ids"]
     pad_ids = {tokenizer.convert_tokens_to_ids(p) for p in PADS.values()}
     counts = iter(token_counts)
     expanded = [t for i in ids for t in ([i] * next(counts) if i in pad_ids else [i])]

@@ -218,6 +218,10 @@ def make_example(seed: int, index: int, task: str | None = None, max_distractors
     For training curricula: max_distractors < 3 makes easier object scenes, and `side` fixes the image
     size (a multiple of 28 in 224..672); the datasets use 3 and the varied sizes."""
     task = task or TASKS[index % len(TASKS)]
+    if side is not None and side not in SIDES:
+        raise ValueError(f"side={side}: expected a multiple of 28 in {SIDES[0]}..{SIDES[-1]}")
+    if not 0 <= max_distractors <= 3:
+        raise ValueError(f"max_distractors={max_distractors}: expected 0..3")
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     for _ in range(50):
         try:

@@ -28,14 +28,22 @@ from tqdm import tqdm
 from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from luvc_common.errors import ConfigError
+from luvc_common.evaluate import TEST_SEED, VALIDATION_SEED, positive_int
 from luvc_common.media import Media, patchify
 from luvc_common.models.tiny import tiny_config
-from luvc_common.prompt import build_prompt_ids
-from luvc_common.synthvqa import TASKS, Example, QuestionSpec, answer_for, make_example, question_text, render, scene_questions
-from luvc_common.tokenizer import IM_END, IM_START, IMAGE_PAD, PAD, build_tokenizer
+from luvc_common.prompt import build_prompt_ids, chat_turn
+from luvc_common.synthvqa import (SIDES, TASKS, Example, QuestionSpec, answer_for, make_example, question_text, render,
+                                  scene_questions)
+from luvc_common.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
 
-VAL_SEED = 2000
-HELD_OUT_SEEDS = (2000, 3000)  # validation and test splits: never trained on
+
+def _tasks(value: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in value.split(","))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
+    return tasks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,10 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1000, help="SynthVQA training seed (and torch init seed)")
-    p.add_argument("--questions", type=int, default=1, help="questions per training image (extra chat turns about the same scene)")
-    p.add_argument("--curriculum", type=int, default=0, help="steps over which object scenes grow from 0 to 3 distractors (0: always up to 3)")
-    p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS, help="comma-separated task families to train on")
-    p.add_argument("--side", type=int, default=None, help="fixed training image side (multiple of 28, 224-672); default: SynthVQA's varied sizes")
+    p.add_argument("--questions", type=positive_int, default=1, help="questions per training image (extra chat turns about the same scene)")
+    p.add_argument("--max-distractors", type=int, choices=range(4), default=3, help="most distractor objects in an object scene")
+    p.add_argument("--curriculum", type=int, default=0, help="steps over which --max-distractors ramps up from 0 (0: no ramp)")
+    p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma-separated task families to train on")
+    p.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S",
+                   help="every training image S x S (a multiple of 28, 224-672); default: SynthVQA's varied sizes")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--vision-depth", type=int, default=4)
@@ -62,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
     p.add_argument("--eval-every", type=int, default=250, help="validation period in steps (0: never)")
-    p.add_argument("--eval-n", type=int, default=120, help="validation examples (seed 2000)")
+    p.add_argument("--eval-n", type=int, default=120, help=f"validation examples (seed {VALIDATION_SEED})")
     p.add_argument("--threads", type=int, default=2)
     return p
 
@@ -94,21 +104,41 @@ def extra_questions(ex: Example, k: int, rng: np.random.Generator) -> list[Quest
             by_task.setdefault(spec.task, []).append(spec)
     picked = []
     while by_task and len(picked) < k:
-        task = sorted(by_task)[int(rng.integers(len(by_task)))]
+        task = list(by_task)[int(rng.integers(len(by_task)))]
         picked.append(by_task[task].pop(int(rng.integers(len(by_task[task])))))
         if not by_task[task]:
             del by_task[task]
     return picked
 
 
-def encode_example(seed: int, index: int, tokenizer, processor, questions: int = 1, max_distractors: int = 3,
-                   tasks: tuple[str, ...] = TASKS, side: int | None = None) -> dict:
+@dataclass(frozen=True)
+class Recipe:
+    """What one step's training examples look like; Recipe() is SynthVQA as the splits have it."""
+
+    questions: int = 1
+    """Questions per image: the example's own, then further chat turns about the same scene."""
+    max_distractors: int = 3
+    """Most distractor objects in an object scene."""
+    tasks: tuple[str, ...] = TASKS
+    """Task families, taken in turn by example index."""
+    side: int | None = None
+    """Every image side x side; None: SynthVQA's varied sizes."""
+
+
+def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
+    """The recipe of training step `step`: --curriculum ramps max_distractors from 0 to --max-distractors."""
+    top = args.max_distractors
+    distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
+    return Recipe(args.questions, distractors, args.tasks, args.side)
+
+
+def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe = Recipe()) -> dict:
     """Prompt + answer ids (labels only on answers and their <|im_end|>), patches and grid of one example.
 
-    The first turn is the example itself, in the serving prompt format; with questions > 1, further
-    turns ask other questions about the same image, so one vision forward trains several answers.
+    The first turn is the example itself, in the serving prompt format; further turns (recipe.questions)
+    ask other questions about the same image, so one vision forward trains several answers.
     """
-    ex = make_example(seed, index, tasks[index % len(tasks)], max_distractors, side)
+    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side)
     pixels, grid = patchify([Media("image", [render(ex.scene)])], processor)
     n_tokens = int(grid.prod()) // processor.merge_size**2
     prompt = build_prompt_ids(tokenizer, ex.question, ["image"], [n_tokens], 1 << 20)
@@ -116,9 +146,9 @@ def encode_example(seed: int, index: int, tokenizer, processor, questions: int =
     ids, labels = [], []
     turns = [(prompt, ex.answer)]
     rng = np.random.Generator(np.random.PCG64([seed, index, 1]))
-    for spec in extra_questions(ex, questions - 1, rng):
-        turn = f"\n{IM_START}user\n{question_text(spec)}{IM_END}\n{IM_START}assistant\n"
-        turns.append((tokenizer(turn, add_special_tokens=False)["input_ids"], answer_for(ex.scene, spec)))
+    for spec in extra_questions(ex, recipe.questions - 1, rng):
+        turn = tokenizer("\n" + chat_turn(question_text(spec)), add_special_tokens=False)["input_ids"]
+        turns.append((turn, answer_for(ex.scene, spec)))
     for prompt_ids, answer in turns:
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
         ids += prompt_ids + answer_ids
@@ -139,9 +169,8 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
                 pixel_values=torch.cat([it["pixels"] for it in items]), image_grid_thw=torch.cat([it["grid"] for it in items]))
 
 
-def make_batch(seed: int, indices: range, tokenizer, processor, questions: int = 1, max_distractors: int = 3,
-               tasks: tuple[str, ...] = TASKS, side: int | None = None) -> tuple[dict[str, Tensor], list[str]]:
-    items = [encode_example(seed, i, tokenizer, processor, questions, max_distractors, tasks, side) for i in indices]
+def make_batch(seed: int, indices: range, tokenizer, processor, recipe: Recipe = Recipe()) -> tuple[dict[str, Tensor], list[str]]:
+    items = [encode_example(seed, i, tokenizer, processor, recipe) for i in indices]
     ids = tokenizer.convert_tokens_to_ids
     return collate(items, ids(PAD), ids(IMAGE_PAD)), [it["task"] for it in items]
 
@@ -225,7 +254,8 @@ def export_model(model, tokenizer, max_pixels: int, out: str | Path) -> Path:
 
 def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
-    assert args.seed not in HELD_OUT_SEEDS, f"seed {args.seed} is a held-out split"
+    if args.seed in (VALIDATION_SEED, TEST_SEED):
+        raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +269,7 @@ def train(args: argparse.Namespace) -> dict:
         model.load_state_dict(torch.load(args.init, weights_only=False)["model"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters; starting at step {step}/{args.steps}", flush=True)
-    val = [make_batch(VAL_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
+    val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
            for i in range(0, args.eval_n if args.eval_every else 0, 24)]
     model.train()
     last_ckpt = t_prev = time.time()
@@ -250,9 +280,8 @@ def train(args: argparse.Namespace) -> dict:
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            distractors = min(3, 4 * step // args.curriculum) if args.curriculum else 3
             batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor,
-                                  args.questions, distractors, args.tasks, args.side)
+                                  recipe_at(args, step))
             t_model = time.time()
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)

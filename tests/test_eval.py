@@ -7,7 +7,7 @@ import pytest
 
 from luvc_common.cli import main
 from luvc_common.config import SPUConfig, method_config
-from luvc_common.evaluate import _runs, config_label, evaluate, score, synthvqa_test_set
+from luvc_common.evaluate import _runs, config_label, evaluate, score, synthvqa_split
 from luvc_common.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
 from luvc_common.synthvqa import TASKS, load_jsonl, write_dataset
 
@@ -55,7 +55,7 @@ def test_none_always_runs_first():
 
 
 def test_default_test_set_is_balanced():
-    data = synthvqa_test_set()
+    data = synthvqa_split()
     assert len(data) == 600 and all(sum(ex["task"] == t for ex in data) == 100 for t in TASKS)
 
 

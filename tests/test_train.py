@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2VLForConditionalGeneration
 
+from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.train import (Schedule, add_arguments, build_model, build_optimizer, encode_example, image_processor,
-                               load_checkpoint, make_batch, train)
-from luvc_common.synthvqa import make_example
+from luvc_common.train import (Recipe, Schedule, add_arguments, build_model, build_optimizer, encode_example, image_processor,
+                               load_checkpoint, make_batch, recipe_at, train)
+from luvc_common.synthvqa import answer_for, make_example, question_text, scene_questions
 from luvc_common.tokenizer import build_tokenizer
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
@@ -39,7 +40,7 @@ def test_loss_falls_on_a_fixed_batch():
 def test_extra_questions_are_further_turns_about_the_same_image():
     tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
     for index in range(6):  # one example of each task
-        one, many = (encode_example(1000, index, tokenizer, processor, q) for q in (1, 4))
+        one, many = (encode_example(1000, index, tokenizer, processor, Recipe(questions=q)) for q in (1, 4))
         n = len(one["ids"])
         assert many["ids"][:n] == one["ids"] and many["labels"][:n] == one["labels"]  # first turn: the serving format
         assert torch.equal(many["pixels"], one["pixels"])
@@ -48,16 +49,39 @@ def test_extra_questions_are_further_turns_about_the_same_image():
         turns = text.count("assistant")
         assert turns == (3 if one["task"] in ("color", "shape", "count", "position") else 0)
         assert answers.count("<|im_end|>") == turns and "user" not in answers
+        scene = make_example(1000, index).scene  # each extra answer is the scene's own answer to that question
+        truth = {question_text(s).lower(): answer_for(scene, s) for s in scene_questions(scene)}
+        for turn in text.split("<|im_start|> user")[1:]:
+            question, answer = turn.split("<|im_end|> <|im_start|> assistant")
+            assert truth[question.strip()] == answer.replace("<|im_end|>", "").strip()
 
 
-def test_task_subset_and_curriculum_scenes():
+def test_recipe_tasks_distractors_and_side():
     tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
-    _, tasks = make_batch(1000, range(6), tokenizer, processor, tasks=("color", "chart"))
+    _, tasks = make_batch(1000, range(6), tokenizer, processor, Recipe(tasks=("color", "chart")))
     assert tasks == ["color", "chart"] * 3
     easy = [make_example(1000, i, "shape", max_distractors=0) for i in range(12)]
     assert all(len(ex.scene.objects) == 1 for ex in easy)
     assert any(len(make_example(1000, i, "shape").scene.objects) > 1 for i in range(12))
     assert {(ex.scene.width, ex.scene.height) for ex in (make_example(1000, i, side=252) for i in range(12))} == {(252, 252)}
+    for bad in (dict(side=250), dict(side=700), dict(max_distractors=4)):
+        with pytest.raises(ValueError):
+            make_example(1000, 0, **bad)
+
+
+def test_curriculum_ramps_distractors_up_to_the_maximum():
+    ramp = lambda *flags: [recipe_at(args_for(*flags), step).max_distractors for step in (0, 99, 100, 250, 399, 400, 5000)]
+    assert ramp("--curriculum", "400") == [0, 0, 1, 2, 3, 3, 3]
+    assert ramp("--curriculum", "400", "--max-distractors", "1") == [0, 0, 0, 1, 1, 1, 1]
+    assert ramp("--max-distractors", "0") == [0] * 7
+    assert ramp() == [3] * 7
+
+
+@pytest.mark.parametrize("flags", [["--tasks", "color,colour"], ["--side", "250"], ["--max-distractors", "4"], ["--questions", "0"]])
+def test_bad_recipe_flags_are_rejected(flags, capsys):
+    with pytest.raises(SystemExit):
+        args_for(*flags)
+    assert f"argument {flags[0]}" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -102,5 +126,5 @@ def test_export_loads(tmp_path):
 
 @pytest.mark.parametrize("seed", [2000, 3000])
 def test_refuses_held_out_seeds(seed, tmp_path):
-    with pytest.raises(AssertionError):
+    with pytest.raises(ConfigError, match="held-out"):
         train(args_for("--out", str(tmp_path), "--seed", str(seed)))

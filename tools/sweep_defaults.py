@@ -10,10 +10,7 @@ import json
 from dataclasses import replace
 
 from luvc_common.config import DEFAULT_MODEL, SPUConfig, method_config
-from luvc_common.evaluate import evaluate, format_table
-from luvc_common.synthvqa import TASKS, make_example
-
-VALIDATION_SEED = 2000
+from luvc_common.evaluate import VALIDATION_SEED, evaluate, format_table, synthvqa_split
 
 
 def variants() -> dict:
@@ -47,11 +44,7 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
-    examples = []
-    for i in range(args.n):
-        ex = make_example(VALIDATION_SEED, i, TASKS[i % len(TASKS)])
-        examples.append({"image": ex.scene, "question": ex.question, "answer": ex.answer, "task": ex.task})
-    report = evaluate(args.model, examples, variants())
+    report = evaluate(args.model, synthvqa_split(VALIDATION_SEED, args.n), variants())
     table = format_table(report["results"])
     print(table)
     if args.json:
