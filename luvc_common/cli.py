@@ -7,10 +7,10 @@ import os
 import sys
 
 from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, Limits, method_config
+from luvc_common.errors import UserError
 
 METHOD_HELP = (f"compression method: one of {', '.join(METHOD_NAMES)}; baselines take a budget, "
                "e.g. tome:keep=0.25 or fastv:keep=0.25,layer=0.1 (default: luvc)")
-from luvc_common.errors import UserError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -239,10 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        return cmd_train(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:1] == ["train"]:  # its own parser, with the trainer
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -161,6 +161,16 @@ def method_config(spec: str, **overrides: Any) -> CompressionConfig:
     return replace(base, **overrides)
 
 
+def method_spec(cfg: CompressionConfig) -> str:
+    """The spec string that method_config parses back to `cfg`'s method and baseline budget."""
+    if cfg.baseline is None:
+        return cfg.method
+    default = BaselineConfig()
+    knobs = [f"{key}={getattr(cfg.baseline, name)!r}" for key, (name, _) in _SPEC_KEYS.items()
+             if getattr(cfg.baseline, name) != getattr(default, name)]
+    return f"{cfg.method}:{','.join(knobs)}" if knobs else cfg.method
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request input limits; exceeding one is a clear error, never a crash."""
@@ -186,14 +196,3 @@ class Limits:
         limit = getattr(self, field_name)
         if n > limit:
             raise MediaError(f"{what}: {n} exceeds {field_name}={limit}")
-
-
-
-def method_spec(cfg: CompressionConfig) -> str:
-    """The spec string that method_config parses back to `cfg`'s method and baseline budget."""
-    if cfg.baseline is None:
-        return cfg.method
-    default = BaselineConfig()
-    knobs = [f"{key}={getattr(cfg.baseline, name)!r}" for key, (name, _) in _SPEC_KEYS.items()
-             if getattr(cfg.baseline, name) != getattr(default, name)]
-    return f"{cfg.method}:{','.join(knobs)}" if knobs else cfg.method

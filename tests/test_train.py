@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2VLForConditionalGeneration
 
+from luvc_common.cli import main
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.train import (Recipe, Schedule, add_arguments, build_model, build_optimizer, encode_example, image_processor,
@@ -125,6 +126,8 @@ def test_export_loads(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [2000, 3000])
-def test_refuses_held_out_seeds(seed, tmp_path):
+def test_refuses_held_out_seeds(seed, tmp_path, capsys):
     with pytest.raises(ConfigError, match="held-out"):
         train(args_for("--out", str(tmp_path), "--seed", str(seed)))
+    assert main(["train", "--out", str(tmp_path), "--seed", str(seed)]) == 2  # the CLI: a message, not a traceback
+    assert "held-out" in capsys.readouterr().err
