@@ -19,6 +19,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
     p.add_argument("--eval-every", type=int, default=250, help="validation period in steps (0: never)")
     p.add_argument("--eval-n", type=int, default=120, help=f"validation examples (seed {VALIDATION_SEED})")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:N"; auto: cuda when available (bf16 autocast there)')
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes building batches ahead (0: in the training loop)")
     return p
 
 
+@lru_cache(maxsize=None)
 def image_processor(max_pixels: int) -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=max_pixels)
 
@@ -175,19 +179,58 @@ def make_batch(seed: int, indices: range, tokenizer, processor, recipe: Recipe =
     return collate(items, ids(PAD), ids(IMAGE_PAD)), [it["task"] for it in items]
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` is that training step's batch: a pure function of the step, so any number of loader
+    workers yields the same batches and resuming needs no loader state."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def __getitem__(self, step: int) -> dict[str, Tensor]:
+        a = self.args
+        return make_batch(a.seed, range(step * a.batch_size, (step + 1) * a.batch_size), _tokenizer(), image_processor(a.max_pixels),
+                          recipe_at(a, step))[0]
+
+
+@lru_cache(maxsize=None)
+def _tokenizer():
+    return build_tokenizer()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def forward_loss(model, batch: dict[str, Tensor], device: torch.device) -> Tensor:
+    """The training loss of one batch on `device`; bf16 autocast on CUDA, fp32 on CPU."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(**batch).loss
+
+
 @torch.no_grad()
-def exact_match(model, batch: dict[str, Tensor]) -> Tensor:
+def exact_match(model, batch: dict[str, Tensor], device: torch.device = torch.device("cpu")) -> Tensor:
     """Per example: does greedy decoding reproduce the whole answer? (teacher-forced argmax == labels)"""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     target = batch["labels"][:, 1:]
     return ((logits.argmax(-1) == target) | (target == -100)).all(1)
 
 
-def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]]) -> dict[str, float]:
+def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]], device: torch.device = torch.device("cpu")) -> dict[str, float]:
     model.eval()
     hits: dict[str, list[bool]] = {t: [] for t in TASKS}
     for batch, tasks in batches:
-        for task, ok in zip(tasks, exact_match(model, batch).tolist()):
+        for task, ok in zip(tasks, exact_match(model, batch, device).tolist()):
             hits[task].append(ok)
     model.train()
     acc = {t: sum(h) / len(h) for t, h in hits.items() if h}
@@ -227,7 +270,7 @@ def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int)
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule) -> int:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.elapsed = state["schedule"]["elapsed"]
@@ -243,7 +286,7 @@ def export_model(model, tokenizer, max_pixels: int, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.convert_tokens_to_ids
     model.generation_config = GenerationConfig(bos_token_id=ids(PAD), eos_token_id=ids(IM_END), pad_token_id=ids(PAD), do_sample=False)
-    bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    bf16 = {k: v.to("cpu", torch.bfloat16) for k, v in model.state_dict().items()}
     model.save_pretrained(out, state_dict=bf16)
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2) + "\n")
@@ -257,33 +300,36 @@ def train(args: argparse.Namespace) -> dict:
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, processor = build_tokenizer(), image_processor(args.max_pixels)
-    model = build_model(args, tokenizer)
+    tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
+    model = build_model(args, tokenizer).to(device)
     optimizer = build_optimizer(model, args)
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
     step = load_checkpoint(ckpt, model, optimizer, schedule) if args.resume and ckpt.exists() else 0
     if step == 0 and args.init:
-        model.load_state_dict(torch.load(args.init, weights_only=False)["model"])
+        model.load_state_dict(torch.load(args.init, weights_only=False, map_location=device)["model"])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters; starting at step {step}/{args.steps}", flush=True)
+    print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
     val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
            for i in range(0, args.eval_n if args.eval_every else 0, 24)]
     model.train()
     last_ckpt = t_prev = time.time()
     record: dict = {}
+    loader = torch.utils.data.DataLoader(StepBatches(args), batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)
     with open(out / "log.jsonl", "a") as log, tqdm(total=args.steps, initial=step, dynamic_ncols=True) as bar:
         while schedule.progress(step) < 1:
             t_data = time.time()
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch, _ = make_batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), tokenizer, processor,
-                                  recipe_at(args, step))
+            batch = next(batches)
             t_model = time.time()
-            loss = model(**batch).loss
+            loss = forward_loss(model, batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -294,7 +340,7 @@ def train(args: argparse.Namespace) -> dict:
             record = dict(step=step, loss=round(loss.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
                           data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(schedule.elapsed, 1))
             if args.eval_every and (step % args.eval_every == 0 or schedule.progress(step) >= 1):
-                record["val"] = {k: round(v, 3) for k, v in evaluate(model, val).items()}
+                record["val"] = {k: round(v, 3) for k, v in evaluate(model, val, device).items()}
                 tqdm.write(f"step {step} val {record['val']}")
             log.write(json.dumps(record) + "\n")
             log.flush()

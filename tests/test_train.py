@@ -109,6 +109,28 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_loader_workers_give_the_same_run(tmp_path):
+    """Batches are a pure function of the step, so a worker process builds exactly the in-loop batches."""
+    for workers in ("0", "1"):
+        train(args_for("--out", str(tmp_path / workers), "--steps", "2", "--workers", workers))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["model"] for d in "01")
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_user_error(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_trains_and_resumes_on_cuda(tmp_path):
+    train(args_for("--out", str(tmp_path), "--steps", "2", "--device", "cuda"))
+    train(args_for("--out", str(tmp_path), "--steps", "3", "--device", "cuda", "--resume", "--min-lr-frac", "1"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_export_loads(tmp_path):
     out = tmp_path / "model"
     train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
