@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
@@ -217,24 +218,31 @@ def forward_loss(model, batch: dict[str, Tensor], device: torch.device) -> Tenso
 
 
 @torch.no_grad()
-def exact_match(model, batch: dict[str, Tensor], device: torch.device = torch.device("cpu")) -> Tensor:
-    """Per example: does greedy decoding reproduce the whole answer? (teacher-forced argmax == labels)"""
+def score(model, batch: dict[str, Tensor], device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor]:
+    """Per example: does greedy decoding reproduce every answer (teacher-forced argmax == labels), and the
+    mean loss over its answer tokens, which shows progress while exact match is still at chance."""
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
     target = batch["labels"][:, 1:]
-    return ((logits.argmax(-1) == target) | (target == -100)).all(1)
+    answer = target != -100
+    token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    return ((logits.argmax(-1) == target) | ~answer).all(1).cpu(), (token_loss.sum(1) / answer.sum(1)).cpu()
 
 
-def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]], device: torch.device = torch.device("cpu")) -> dict[str, float]:
+def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]],
+             device: torch.device = torch.device("cpu")) -> tuple[dict[str, float], dict[str, float]]:
+    """Exact-match accuracy and mean answer loss, overall ("all") and per task."""
     model.eval()
-    hits: dict[str, list[bool]] = {t: [] for t in TASKS}
+    hits: dict[str, list[float]] = {}
+    losses: dict[str, list[float]] = {}
     for batch, tasks in batches:
-        for task, ok in zip(tasks, exact_match(model, batch, device).tolist()):
-            hits[task].append(ok)
+        for task, ok, loss in zip(tasks, *(t.tolist() for t in score(model, batch, device))):
+            hits.setdefault(task, []).append(ok)
+            losses.setdefault(task, []).append(loss)
     model.train()
-    acc = {t: sum(h) / len(h) for t, h in hits.items() if h}
-    return {"all": sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values()), **acc}
+    mean = lambda by_task: {"all": float(np.mean(sum(by_task.values(), []))), **{t: float(np.mean(v)) for t, v in by_task.items()}}
+    return mean(hits), mean(losses)
 
 
 @dataclass
@@ -340,7 +348,8 @@ def train(args: argparse.Namespace) -> dict:
             record = dict(step=step, loss=round(loss.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
                           data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(schedule.elapsed, 1))
             if args.eval_every and (step % args.eval_every == 0 or schedule.progress(step) >= 1):
-                record["val"] = {k: round(v, 3) for k, v in evaluate(model, val, device).items()}
+                acc, val_loss = evaluate(model, val, device)
+                record["val"], record["val_loss"] = ({k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss))
                 tqdm.write(f"step {step} val {record['val']}")
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -10,8 +10,8 @@ from transformers import Qwen2VLForConditionalGeneration
 from luvc_common.cli import main
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.train import (Recipe, Schedule, add_arguments, build_model, build_optimizer, encode_example, image_processor,
-                               load_checkpoint, make_batch, recipe_at, train)
+from luvc_common.train import (Recipe, Schedule, add_arguments, build_model, build_optimizer, encode_example, evaluate, image_processor,
+                               load_checkpoint, make_batch, recipe_at, score, train)
 from luvc_common.synthvqa import answer_for, make_example, question_text, scene_questions
 from luvc_common.tokenizer import build_tokenizer
 
@@ -36,6 +36,22 @@ def test_loss_falls_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_validation_scores_agree_with_the_training_loss(tmp_path):
+    args, tokenizer = args_for(), build_tokenizer()
+    model = build_model(args, tokenizer)
+    batch, tasks = make_batch(2000, range(6), tokenizer, image_processor(args.max_pixels))
+    hits, losses = score(model, batch)
+    answer_tokens = (batch["labels"][:, 1:] != -100).sum(1)
+    assert torch.allclose((losses * answer_tokens).sum() / answer_tokens.sum(), model(**batch).loss, rtol=1e-4)
+    assert not hits.any()  # an untrained model reproduces no answer
+    acc, loss = evaluate(model, [(batch, tasks)])
+    assert acc == {"all": 0.0, **{t: 0.0 for t in tasks}}
+    assert loss["all"] == pytest.approx(losses.mean().item()) and loss[tasks[0]] == pytest.approx(losses[0].item())
+    train(args_for("--out", str(tmp_path), "--steps", "1", "--eval-every", "1", "--eval-n", "6"))
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    assert set(record["val"]) == set(record["val_loss"]) == {"all", *tasks}
 
 
 def test_extra_questions_are_further_turns_about_the_same_image():
