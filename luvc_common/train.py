@@ -210,21 +210,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def forward_loss(model, batch: dict[str, Tensor], device: torch.device) -> Tensor:
-    """The training loss of one batch on `device`; bf16 autocast on CUDA, fp32 on CPU."""
+def forward(model, batch: dict[str, Tensor], device: torch.device):
+    """The model's output on `batch`, moved to `device`; bf16 autocast on CUDA, fp32 on CPU."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return model(**batch).loss
+        return model(**batch)
 
 
 @torch.no_grad()
 def score(model, batch: dict[str, Tensor], device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor]:
     """Per example: does greedy decoding reproduce every answer (teacher-forced argmax == labels), and the
     mean loss over its answer tokens, which shows progress while exact match is still at chance."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
+    logits = forward(model, {k: v for k, v in batch.items() if k != "labels"}, device).logits[:, :-1].float()
+    target = batch["labels"][:, 1:].to(device)
     answer = target != -100
     token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
     return ((logits.argmax(-1) == target) | ~answer).all(1).cpu(), (token_loss.sum(1) / answer.sum(1)).cpu()
@@ -337,7 +335,7 @@ def train(args: argparse.Namespace) -> dict:
                 group["lr"] = lr
             batch = next(batches)
             t_model = time.time()
-            loss = forward_loss(model, batch, device)
+            loss = forward(model, batch, device).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
