@@ -204,7 +204,10 @@ def _tokenizer():
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f'--device {name!r}: expected "auto", "cpu", "cuda" or "cuda:N"') from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -305,6 +308,8 @@ def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
+    if args.workers < 0:
+        raise ConfigError(f"--workers {args.workers}: expected 0 or more loader processes")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)

@@ -133,6 +133,12 @@ def test_loader_workers_give_the_same_run(tmp_path):
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
+@pytest.mark.parametrize("flags, message", [(["--device", "tpu0"], "expected \"auto\""), (["--workers", "-1"], "--workers -1")])
+def test_bad_device_and_workers_are_user_errors(tmp_path, capsys, flags, message):
+    assert main(["train", "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_user_error(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--device", "cuda"]) == 2
