@@ -187,9 +187,6 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, args: argparse.Namespace):
         self.args = args
 
-    def __len__(self) -> int:
-        return self.args.steps
-
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         a = self.args
         return make_batch(a.seed, range(step * a.batch_size, (step + 1) * a.batch_size), _tokenizer(), image_processor(a.max_pixels),
@@ -202,6 +199,7 @@ def _tokenizer():
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device; ConfigError for an unknown name or CUDA on a machine without it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
