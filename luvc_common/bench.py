@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from luvc_common.config import BASELINES, DEFAULT_MODEL, CompressionConfig, method_config, method_spec
+from luvc_common.config import DEFAULT_MODEL, CompressionConfig, budget_unset, method_config, method_spec
 
 SHAPES = {
     "tiny": None,  # the bundled default model
@@ -154,7 +154,7 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
                 target = flops_ratio(none["uncompressed"], warm["luvc"]["tokens_per_layer"], engine.config.text_config)
                 visual = none["visual_per_layer"][0]
                 for s, cfg in configs.items():
-                    if cfg.method in BASELINES and ":" not in s:
+                    if budget_unset(s):
                         configs[s] = with_matched_budget(cfg, target, none["tokens_per_layer"][0] - visual, visual,
                                                          engine.config.text_config, engine.num_layers)
             for spec in specs:

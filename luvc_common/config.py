@@ -161,6 +161,12 @@ def method_config(spec: str, **overrides: Any) -> CompressionConfig:
     return replace(base, **overrides)
 
 
+def budget_unset(spec: str) -> bool:
+    """A baseline spec without keep=: eval and bench give it the reference method's theoretical FLOPs ratio."""
+    name, _, args = spec.strip().partition(":")
+    return name in BASELINES and not any(a.strip().startswith("keep=") for a in args.split(","))
+
+
 def method_spec(cfg: CompressionConfig) -> str:
     """The spec string that method_config parses back to `cfg`'s method and baseline budget."""
     if cfg.baseline is None:

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from luvc_common.config import (BASELINES, DEFAULT_MODEL, METHOD_NAMES, VISION_BASELINES,
-                                CompressionConfig, OIMConfig, method_config, method_spec)
+from luvc_common.config import (BASELINES, DEFAULT_MODEL, METHOD_NAMES, VISION_BASELINES, CompressionConfig,
+                                OIMConfig, budget_unset, method_config, method_spec)
 from luvc_common.errors import UserError
 
 VALIDATION_SEED, TEST_SEED, TEST_N = 2000, 3000, 600
@@ -274,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--data: {e}") from None
     specs = [name.strip() for name in args.methods.split(",") if name.strip()]
     configs = expand_methods(specs, args.sweep)
-    budgetless = [] if args.sweep else [i for i, spec in enumerate(specs) if configs[i].method in BASELINES and ":" not in spec]
+    budgetless = [] if args.sweep else [i for i, spec in enumerate(specs) if budget_unset(spec)]
     if budgetless:
         matched = match_budgets(args.model, examples, [configs[i] for i in budgetless], method_config(args.match))
         for i, cfg in zip(budgetless, matched):

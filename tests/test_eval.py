@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from luvc_common.cli import main
-from luvc_common.config import SPUConfig, method_config
+from luvc_common.config import SPUConfig, budget_unset, method_config
 from luvc_common.evaluate import _runs, config_label, evaluate, score, synthvqa_split
 from luvc_common.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
 from luvc_common.synthvqa import TASKS, load_jsonl, write_dataset
@@ -101,6 +101,12 @@ def test_budgetless_baselines_are_matched_to_luvc(tiny_qwen2vl, data, tmp_path):
     results = {r["config"]["method"]: r for r in json.loads(out.read_text())["results"]}
     assert results["random"]["config"]["baseline"]["keep_ratio"] == 0.5  # an explicit budget is kept
     assert results["tome"]["llm_flops_ratio"] == pytest.approx(results["luvc"]["llm_flops_ratio"], rel=0.1)
+
+
+@pytest.mark.parametrize("spec, unset", [("tome", True), ("dart:layer=0.1", True), ("random:seed=3", True),
+                                         ("tome:keep=0.25", False), ("dart:layer=0.1, keep=0.5", False), ("luvc", False), ("none", False)])
+def test_a_baseline_without_keep_has_no_budget(spec, unset):
+    assert budget_unset(spec) is unset
 
 
 def test_sweep_runs_every_budget_and_plots_one_curve_per_method(tiny_qwen2vl, data, tmp_path):

@@ -236,9 +236,9 @@ class LanguageEngine:
                 kept = baselines.fastv_keep(scores[b][:, members.to(scores.device)], min(n_keep, len(members)))
             else:
                 keys, normed = scores[0][b], scores[1][b]
-                text = (keep & (source >= s.start + s.length)).nonzero().flatten()  # the prompt after the item
-                kept = baselines.dart_keep(keys[members.to(keys.device)], keys[text.to(keys.device)], normed[members.to(keys.device)],
-                                           normed[text.to(keys.device)], min(n_keep, len(members)), *cfg.pivots)
+                mine = members.to(keys.device)
+                text = (keep & (source >= s.start + s.length)).nonzero().flatten().to(keys.device)  # the prompt after the item
+                kept = baselines.dart_keep(keys[mine], keys[text], normed[mine], normed[text], min(n_keep, len(members)), *cfg.pivots)
             drop = torch.ones(len(members), dtype=torch.bool)
             drop[kept.cpu()] = False
             keep[members[drop]] = False
@@ -275,17 +275,17 @@ class LanguageEngine:
         runs, counts = torch.unique_consecutive(item[valid], return_counts=True)
         for j, n in zip(runs.tolist(), counts.tolist()):
             idx = valid[offset : offset + n]
+            on_device = idx.to(hidden.device)
             offset += n
             if j < 0:
-                dev = hidden.device
-                pieces.append((hidden[idx.to(dev)], cos[idx.to(dev)], sin[idx.to(dev)], source[idx]))
+                pieces.append((hidden[on_device], cos[on_device], sin[on_device], source[idx]))
                 continue
             if ratio == 0:
                 continue
             s = spans[j]
             grid, new = grids.get((b, j), s.grid), spu.resampled_grid(s.grid, round(ratio * s.length))
             grids[b, j] = new
-            x = spu.spectral_resample(hidden[idx.to(hidden.device)].view(*grid, -1), new[1:]).to(hidden.dtype)
+            x = spu.spectral_resample(hidden[on_device].view(*grid, -1), new[1:]).to(hidden.dtype)
             pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(3, *s.grid), new[1:])
             c, si = self.lm.rotary_emb(x[None], pos.reshape(3, 1, -1).to(hidden.device))
             pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.start + torch.arange(x.shape[:3].numel())))
