@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from luvc_common.config import DEFAULT_MODEL, CompressionConfig, budget_unset, method_config, method_spec
+from luvc_common.evaluate import int_at_least, positive_int
 
 SHAPES = {
     "tiny": None,  # the bundled default model
@@ -208,22 +209,18 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="small")
     p.add_argument("--methods", default="none,luvc", help='comma-separated method specs; baselines without a budget get luvc\'s FLOPs ratio')
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--image-size", type=int, default=672, help="side of the square test image in pixels (>= 448 for real shapes)")
-    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--image-size", type=int_at_least(28), default=672, help="side of the square test image in pixels (>= 448 for real shapes)")
+    p.add_argument("--decode-tokens", type=int_at_least(0), default=16)
     p.add_argument("--wire-dtype", default="BF16", choices=["BF16", "FP16", "FP32"])
     p.add_argument("--cache", default="runs/bench", help="where random checkpoints of the shapes are written once")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=cmd_bench)
     return p
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from luvc_common.errors import UserError
-
-    if args.repeats < 1 or args.decode_tokens < 0 or args.image_size < 28:
-        raise UserError("--repeats >= 1, --decode-tokens >= 0 and --image-size >= 28 are required")
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     for s in specs:
         method_config(s)  # a bad spec fails before any model is built

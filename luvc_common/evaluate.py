@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -235,10 +235,17 @@ def plot(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def positive_int(s: str) -> int:
-    if (v := int(s)) <= 0:
-        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
-    return v
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low; anything else is a usage error (exit 2) naming the flag."""
+    def parse(s: str) -> int:
+        if (v := int(s)) < low:
+            raise argparse.ArgumentTypeError(f"{s} is below {low}")
+        return v
+    parse.__name__ = f"integer >= {low}"  # argparse's message for a non-integer names the type
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

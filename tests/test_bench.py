@@ -1,6 +1,8 @@
 """`luvc bench` end to end on the tiny shape: a real encoder service process, the LLM half in-process."""
 import json
 
+import pytest
+
 from luvc_common.cli import main
 
 KEYS = {"method", "payload_bytes", "llm_prefill_ms", "ttft_ms", "decode_tok_s", "kv_cache_bytes", "flops_ratio", "prefill_speedup"}
@@ -22,3 +24,10 @@ def test_bench_reports_every_method(tmp_path):
     assert fastv["payload_bytes"] == none["payload_bytes"]  # fastv prunes inside the LLM: the full grid crosses
     assert tome["payload_bytes"] < none["payload_bytes"] and tome["keep_ratio"] < 1  # matched to luvc's FLOPs ratio
     assert main(["bench", "--shape", "tiny", "--methods", "luvc,bogus", "--cache", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--decode-tokens", "-1"), ("--image-size", "27"), ("--threads", "x")])
+def test_bad_numeric_flags_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", flag, value])
+    assert exit.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
