@@ -31,7 +31,7 @@ from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from luvc_common.errors import ConfigError
-from luvc_common.evaluate import TEST_SEED, VALIDATION_SEED, positive_int
+from luvc_common.evaluate import TEST_SEED, VALIDATION_SEED, int_at_least, positive_int
 from luvc_common.media import Media, patchify
 from luvc_common.models.tiny import tiny_config
 from luvc_common.prompt import build_prompt_ids, chat_turn
@@ -50,16 +50,16 @@ def _tasks(value: str) -> tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint and loss log")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the LR schedule spans them)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.05, help="final LR as a fraction of --lr (cosine decay)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--warmup", type=int_at_least(0), default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1000, help="SynthVQA training seed (and torch init seed)")
     p.add_argument("--questions", type=positive_int, default=1, help="questions per training image (extra chat turns about the same scene)")
     p.add_argument("--max-distractors", type=int, choices=range(4), default=3, help="most distractor objects in an object scene")
-    p.add_argument("--curriculum", type=int, default=0, help="steps over which --max-distractors ramps up from 0 (0: no ramp)")
+    p.add_argument("--curriculum", type=int_at_least(0), default=0, help="steps over which --max-distractors ramps up from 0 (0: no ramp)")
     p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma-separated task families to train on")
     p.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S",
                    help="every training image S x S (a multiple of 28, 224-672); default: SynthVQA's varied sizes")
@@ -73,11 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="write the final HF model directory here")
     p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
-    p.add_argument("--eval-every", type=int, default=250, help="validation period in steps (0: never)")
-    p.add_argument("--eval-n", type=int, default=120, help=f"validation examples (seed {VALIDATION_SEED})")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--eval-every", type=int_at_least(0), default=250, help="validation period in steps (0: never)")
+    p.add_argument("--eval-n", type=positive_int, default=120, help=f"validation examples (seed {VALIDATION_SEED})")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:N"; auto: cuda when available (bf16 autocast there)')
-    p.add_argument("--workers", type=int, default=0, help="data-loader processes building batches ahead (0: in the training loop)")
+    p.add_argument("--workers", type=int_at_least(0), default=0, help="data-loader processes building batches ahead (0: in the training loop)")
     return p
 
 
@@ -306,8 +306,6 @@ def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
-    if args.workers < 0:
-        raise ConfigError(f"--workers {args.workers}: expected 0 or more loader processes")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
