@@ -8,11 +8,11 @@ from PIL import Image
 
 from luvc_common.config import Limits, method_config
 from luvc_common.media import Media
-from luvc_common.messages import encoded_to_proto, media_from_proto
+from luvc_common.messages import encoded_to_proto, media_files_from_proto
 from luvc_common.models.loading import ModelConfig
 from luvc_common.pipeline import VisionEncoder
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import Call, Gate, ServerConfig, ServicerBase, abort_on_error, get_logger, log
+from luvc_common.serving import Call, Gate, ServerConfig, ServicerBase, get_logger, log
 from luvc_common.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
@@ -47,14 +47,17 @@ class EncoderService:
         self.encoder.encode([blank], method_config(self.config.default_method))  # warm up before SERVING
 
     async def encode(self, request: luvc_pb2.EncodeRequest, call: Call) -> luvc_pb2.EncodeResponse:
+        """Every check that reads only headers runs before the queue; decoding and the tower run in the
+        compute slot, one request at a time, and stop between frames and blocks when the call ends."""
         self.gate.admit(call)
         method = method_config(request.method or self.config.default_method)
         dtype = wire_dtype(request.wire_dtype or self.config.default_wire_dtype)
-        media = media_from_proto(request.media, self.config.limits)
-        async with self.gate:
-            encoded = await asyncio.to_thread(self.encoder.encode, media, method)
+        limits = self.config.limits
+        files = await asyncio.to_thread(media_files_from_proto, request.media, limits)
+        self.encoder.check_patches(files, limits)
+        encoded = await self.gate.run(call, lambda: self.encoder.encode(self.encoder.decode(files, limits, call.check), method, call.check))
         response = encoded_to_proto(encoded, self.encoder.unit, dtype, self.config.model.path)
-        log(self.logger, "encoded", request_id=call.request_id, method=method.method, media=len(media),
+        log(self.logger, "encoded", request_id=call.request_id, method=method.method, media=len(files),
             vit_patches=encoded.vit_patches, tokens=len(encoded.embeds), payload_bytes=len(response.tokens.data),
             encode_ms=round(encoded.encode_ms, 2))
         return response
@@ -68,9 +71,5 @@ class EncoderServicer(ServicerBase, luvc_pb2_grpc.EncoderServicer):
     service_name = SERVICE_NAME
 
     async def Encode(self, request, grpc_context):
-        call = Call.from_context(grpc_context)
-        try:
-            return await self.service.encode(request, call)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            await abort_on_error(grpc_context, e, self.service.logger, call)
+        return await self._unary(grpc_context, self.service.encode, request)
 

@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from luvc_common.config import Limits, method_config
 from luvc_common.messages import encoded_from_proto, uncompressed_payload_bytes
 from luvc_common.models.loading import ModelConfig
-from luvc_common.pipeline import EncodedMedia, TextGenerator
-from luvc_common.errors import PromptError
+from luvc_common.pipeline import EncodedMedia, GenerateResult, TextGenerator
+from luvc_common.errors import PromptError, shorten
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, ServicerBase, abort_on_error, get_logger, log
+from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, ServicerBase, get_logger, log
 from luvc_common.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
-_DONE = object()
 
 
 @dataclass(frozen=True)
@@ -53,24 +54,32 @@ class LLMService:
         self.gate = Gate(server)
         self.logger = get_logger("llm")
         self.generator: TextGenerator | None = None
-        self._encoder_stub = None
+        self._encoder_channel: grpc.aio.Channel | None = None
 
     def load(self) -> None:
         self.generator = TextGenerator(self.config.model, self.config.limits)
         nothing = EncodedMedia.empty(self.generator.engine.config.text_config.hidden_size)
         self.generator.generate("warm up", nothing, method_config("none"), 2)  # first-call costs before SERVING
 
-    def _encoder(self):
-        if self._encoder_stub is None:  # channels bind to the running event loop: create lazily
+    def _channel(self) -> grpc.aio.Channel:
+        if self._encoder_channel is None:  # channels bind to the running event loop: create lazily
             # reconnect quickly after an encoder restart instead of gRPC's default backoff of up to 2 min
             options = [*self.server.channel_options(), ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
             if self.config.encoder_tls_ca:
                 with open(self.config.encoder_tls_ca, "rb") as f:
-                    channel = grpc.aio.secure_channel(self.config.encoder, grpc.ssl_channel_credentials(f.read()), options)
+                    self._encoder_channel = grpc.aio.secure_channel(self.config.encoder, grpc.ssl_channel_credentials(f.read()), options)
             else:
-                channel = grpc.aio.insecure_channel(self.config.encoder, options)
-            self._encoder_stub = luvc_pb2_grpc.EncoderStub(channel)
-        return self._encoder_stub
+                self._encoder_channel = grpc.aio.insecure_channel(self.config.encoder, options)
+        return self._encoder_channel
+
+    async def dependencies_ready(self) -> bool:
+        """Whether the encoder answers its health check with SERVING (behind Ray's proxy, which has no
+        grpc.health, any answer counts)."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel()).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.UNIMPLEMENTED
 
     async def _encode(self, request: luvc_pb2.GenerateRequest, method: str, call: Call) -> tuple[luvc_pb2.EncodeResponse, float]:
         metadata = [(REQUEST_ID, call.request_id)]
@@ -83,16 +92,23 @@ class LLMService:
         )
         t0 = time.perf_counter()
         try:
-            response = await self._encoder().Encode(encode_request, timeout=call.time_left(), metadata=metadata)
+            response = await luvc_pb2_grpc.EncoderStub(self._channel()).Encode(encode_request, timeout=call.time_left(), metadata=metadata)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
+            code, details = e.code(), shorten(e.details() or "", 500)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ServiceError(code, f"encoder at {self.config.encoder}: {e.details()}") from None
-            raise ServiceError(code, f"encoder rejected the media: {e.details()}") from None
+                raise ServiceError(code, f"encoder at {self.config.encoder}: {details}") from None
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):  # our credentials, not the client's
+                log(self.logger, "the encoder refused this service's token: check --encoder-token", logging.ERROR, request_id=call.request_id)
+                raise ServiceError(grpc.StatusCode.INTERNAL, "the LLM service is misconfigured: its encoder refused its credentials") from None
+            raise ServiceError(code, f"encoder rejected the media: {details}") from None
         return response, (time.perf_counter() - t0) * 1e3
 
     async def generate(self, request: luvc_pb2.GenerateRequest, call: Call):
-        """Yield GenerateResponse chunks of new text; the last one carries GenerateStats."""
+        """Yield GenerateResponse chunks of new text; the last one carries GenerateStats.
+
+        Cheap checks (sizes, method, limits) run first on the event loop; parsing tokens and
+        tokenizing run on threads; the model runs in the compute slot and stops between decode
+        steps once the call is cancelled or past its deadline."""
         self.gate.admit(call)
         t_start = time.perf_counter()
         spec = request.method or self.config.default_method
@@ -108,36 +124,29 @@ class LLMService:
             visual, round_trip_ms = await self._encode(request, spec, call)
         else:
             visual, round_trip_ms = None, 0.0
+        hidden = engine.config.text_config.hidden_size
         if visual is None:
-            encoded = EncodedMedia.empty(engine.config.text_config.hidden_size)
+            encoded = EncodedMedia.empty(hidden)
         else:
-            encoded = encoded_from_proto(visual, engine.config.text_config.hidden_size, engine.unit, self.config.limits)
-        gen.prompt_ids(request.prompt, encoded)  # validate before queueing
+            encoded = await asyncio.to_thread(encoded_from_proto, visual, hidden, engine.unit, self.config.limits)
+        ids = await asyncio.to_thread(gen.prompt_ids, request.prompt, encoded)  # validate before queueing
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        def work(emit):
+            result = gen.generate(request.prompt, encoded, method, max_new, ids=ids,
+                                  on_step=lambda new: (emit(new[0]), not call.stopped())[1])
+            call.check()  # a generation cut short by a cancel or deadline is not an answer
+            return result
 
-        def on_step(new: list[list[int]]) -> bool:
-            loop.call_soon_threadsafe(queue.put_nowait, new[0])
-            return not call.cancelled() and (call.deadline is None or time.monotonic() < call.deadline)
-
-        def run():
-            try:
-                return gen.generate(request.prompt, encoded, method, max_new, on_step=on_step)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        async with self.gate:
-            task = asyncio.ensure_future(asyncio.to_thread(run))
-            tokens: list[int] = []
-            text = ""
-            while (new := await queue.get()) is not _DONE:
-                if new:
-                    tokens += new
-                    full = gen.tokenizer.decode(tokens, skip_special_tokens=True)
-                    yield luvc_pb2.GenerateResponse(text=full[len(text):], token_ids=new)
-                    text = full
-            result = await task
+        tokens: list[int] = []
+        text = ""
+        async for item in self.gate.stream(call, work):
+            if isinstance(item, GenerateResult):
+                result = item
+            elif item:
+                tokens += item
+                full = gen.tokenizer.decode(tokens, skip_special_tokens=True)
+                yield luvc_pb2.GenerateResponse(text=full[len(text):], token_ids=item)
+                text = full
         payload = len(visual.tokens.data) if visual is not None else 0
         timings = {
             "encode": encoded.encode_ms,
@@ -168,10 +177,6 @@ class LLMServicer(ServicerBase, luvc_pb2_grpc.LLMServicer):
     service_name = SERVICE_NAME
 
     async def Generate(self, request, grpc_context):
-        call = Call.from_context(grpc_context)
-        try:
-            async for chunk in self.service.generate(request, call):
-                yield chunk
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            await abort_on_error(grpc_context, e, self.service.logger, call)
+        async for chunk in self._streaming(grpc_context, self.service.generate, request):
+            yield chunk
 

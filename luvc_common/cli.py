@@ -5,12 +5,29 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 
-from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, Limits, method_config
+from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, Limits, field_docs, method_config
 from luvc_common.errors import UserError
 
 METHOD_HELP = (f"compression method: one of {', '.join(METHOD_NAMES)}; baselines take a budget, "
                "e.g. tome:keep=0.25 or fastv:keep=0.25,layer=0.1 (default: luvc)")
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    """One flag per Limits field (--max-media, ...), its help the field's docstring, its default from
+    the environment (LUVC_MAX_MEDIA, ...) when set there (how docker-compose passes them)."""
+    from luvc_common.evaluate import positive_int
+
+    docs = field_docs(Limits)
+    for f in fields(Limits):
+        env = f"LUVC_{f.name.upper()}"
+        p.add_argument("--" + f.name.replace("_", "-"), type=positive_int, default=positive_int(os.environ.get(env, str(f.default))),
+                       help=f"{docs[f.name]} (default {f.default}; env {env})")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +65,7 @@ def _server_config(args: argparse.Namespace):
     return ServerConfig(
         host=args.host, port=args.port, max_message_bytes=args.max_message_mb * MiB, max_queue=args.max_queue,
         grace_s=args.grace_s, auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        health_interval_s=args.health_interval_s,
     )
 
 
@@ -55,24 +73,28 @@ def cmd_serve_encoder(args: argparse.Namespace) -> int:
     from encoder_service.service import EncoderConfig, EncoderServicer
     from luvc_common.models.loading import ModelConfig
 
-    EncoderServicer.run(EncoderConfig(ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype), _server_config(args))
+    config = EncoderConfig(ModelConfig(args.model, args.dtype, args.device), _limits(args), default_wire_dtype=args.wire_dtype)
+    EncoderServicer.run(config, _server_config(args))
     return 0
 
 
 def cmd_serve_llm(args: argparse.Namespace) -> int:
-    if args.ray:
-        from luvc_common.ray_serve import run_llm_on_ray
-
-        run_llm_on_ray(args.host, args.port, args.encoder, args.model)
-        return 0
-    from llm_service.service import LLMConfig, LLMServicer
+    """The same LLMConfig and ServerConfig for the plain server and for Ray Serve."""
+    from llm_service.service import LLMConfig
     from luvc_common.models.loading import ModelConfig
 
     config = LLMConfig(
-        encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), default_wire_dtype=args.wire_dtype,
-        encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
+        encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), limits=_limits(args),
+        default_wire_dtype=args.wire_dtype, encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
     )
-    LLMServicer.run(config, _server_config(args))
+    if args.ray:
+        from luvc_common.ray_serve import run_llm_on_ray
+
+        run_llm_on_ray(config, _server_config(args))
+    else:
+        from llm_service.service import LLMServicer
+
+        LLMServicer.run(config, _server_config(args))
     return 0
 
 
@@ -163,6 +185,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from luvc_common.evaluate import int_at_least, positive_int
+
     parser = argparse.ArgumentParser(prog="luvc", description="LUVC-serve: VLM serving with visual-token compression")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -187,13 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--encoder-token", default=os.environ.get("LUVC_ENCODER_TOKEN"), help="bearer token for the encoder")
             p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (RAY_ADDRESS or a local instance) behind its gRPC proxy")
         p.add_argument("--wire-dtype", default="BF16", choices=["BF16", "FP16", "FP32"])
-        p.add_argument("--max-message-mb", type=int, default=64)
-        p.add_argument("--max-queue", type=int, default=32)
+        p.add_argument("--max-message-mb", type=positive_int, default=64, help="largest gRPC message, both directions")
+        p.add_argument("--max-queue", type=int_at_least(0), default=32, help="requests waiting beyond the one running")
         p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+        p.add_argument("--health-interval-s", type=float, default=2.0, help="how often the LLM checks its encoder for its health status")
         p.add_argument("--auth-token", default=os.environ.get("LUVC_AUTH_TOKEN"), help="require this bearer token")
         p.add_argument("--tls-cert")
         p.add_argument("--tls-key")
         _model_args(p)
+        _limit_args(p)
         p.set_defaults(func=func)
 
     c = sub.add_parser("client", help="ask a running LLM service")

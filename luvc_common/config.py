@@ -6,21 +6,44 @@ layer indices are reported with every result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import ast
+import inspect
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 
-from luvc_common.errors import ConfigError, MediaError
+from luvc_common.errors import ConfigError, MediaError, shorten
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "luvc-tiny-qwen2vl"
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 """Files read as video frames from a directory."""
 
 
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, by field name (what CLI help and errors show)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(d.value.value.split()) for a, d in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant)}
+
+
+def from_args(cls: type, args: dict[str, Any], **fixed: Any):
+    """A config dataclass from loose key/value args (a Ray Serve builder's YAML args): each value is
+    converted to its field's default type; unknown keys are ignored here and checked by the caller."""
+    values = {}
+    for f in fields(cls):
+        if f.name in args and f.name not in fixed:
+            kind = type(f.default) if f.default not in (None, MISSING) else str
+            values[f.name] = kind(args[f.name])
+    return cls(**values, **fixed)
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {allowed}")
+        raise ConfigError(f"{name}={shorten(repr(value))} is invalid: expected {allowed}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +124,7 @@ class BaselineConfig:
         _check(0.0 <= self.dominant <= 1.0, "dominant", self.dominant, "a value in [0, 1]")
         object.__setattr__(self, "pivots", tuple(int(v) for v in self.pivots))
         _check(len(self.pivots) == 2 and min(self.pivots) >= 0, "pivots", self.pivots, "(image, text) counts >= 0")
+        _check(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
 
 
 @dataclass(frozen=True)
@@ -132,6 +156,8 @@ LLM_BASELINES = ("fastv", "dart")
 BASELINES = VISION_BASELINES + LLM_BASELINES
 METHOD_NAMES = ("none", "luvc") + BASELINES
 
+MAX_SPEC_CHARS = 200
+"""Longest method spec accepted."""
 _SPEC_KEYS = {"keep": ("keep_ratio", float), "layer": ("layer", float), "dominant": ("dominant", float),
               "seed": ("seed", int)}
 
@@ -142,6 +168,7 @@ def method_config(spec: str, **overrides: Any) -> CompressionConfig:
     A spec is a method name, optionally with baseline knobs: "fastv", "tome:keep=0.125",
     "dart:keep=0.25,layer=0.1", "random:keep=0.5,seed=3" (keys: keep, layer, dominant, seed).
     """
+    _check(len(spec) <= MAX_SPEC_CHARS, "method", spec, f"a spec of at most {MAX_SPEC_CHARS} characters")
     name, _, args = spec.strip().partition(":")
     _check(name in METHOD_NAMES, "method", name, f"one of {list(METHOD_NAMES)}")
     knobs = {}
@@ -150,10 +177,11 @@ def method_config(spec: str, **overrides: Any) -> CompressionConfig:
         _check(name in BASELINES and key in _SPEC_KEYS and eq == "=", "method", spec,
                f"name[:key=value,...] with keys {list(_SPEC_KEYS)} for baselines {list(BASELINES)}")
         field_name, kind = _SPEC_KEYS[key]
+        _check(field_name not in knobs, "method", spec, f"each key at most once ({key} is repeated)")
         try:
             knobs[field_name] = kind(value)
         except ValueError:
-            raise ConfigError(f"method={spec!r}: {key}={value!r} is not a {kind.__name__}") from None
+            raise ConfigError(f"method={shorten(repr(spec))}: {key}={shorten(repr(value))} is not a {kind.__name__}") from None
     if name == "luvc":
         base = CompressionConfig(method=name)
     else:
@@ -184,11 +212,20 @@ class Limits:
     max_media: int = 8
     """Images plus videos in one request."""
     max_image_pixels: int = 4096 * 4096
-    """Decoded pixels (width x height) of one image or frame, checked before resizing."""
+    """Pixels (width x height) of one image or frame, read from its header before decoding."""
     max_frames: int = 64
     """Frames in one video."""
+    max_request_pixels: int = 128 * 1024 * 1024
+    """Pixels of all images and frames of one request together, read from their headers: bounds the
+    decoding work (frames are decoded one at a time and shrunk at once, so not the memory)."""
+    max_vit_patches: int = 65536
+    """ViT patches of one request after the image processor's resizing, checked before decoding:
+    bounds the vision tower's work and memory (a 448x448 image is 1,024 patches)."""
+    max_prompt_chars: int = 131072
+    """Prompt text in characters, checked before tokenizing."""
     max_prompt_tokens: int = 32768
-    """Prompt length in tokens, visual placeholders included."""
+    """Prompt length in tokens, visual placeholders included. Prefill memory is linear in it for one
+    request (causal attention without a materialised mask); time is quadratic."""
     max_new_tokens: int = 1024
     """Upper bound on tokens generated for one request."""
 

@@ -2,6 +2,14 @@
 was wrong. The CLI prints them; the services answer them with INVALID_ARGUMENT."""
 
 
+def shorten(text: str, limit: int = 120) -> str:
+    """What an error message or a log line may echo of a client's input: at most about `limit`
+    characters (head and tail of a longer text), control characters escaped."""
+    if len(text) > limit:
+        text = f"{text[: limit // 2]}...[{len(text) - limit // 2 - limit // 4} characters cut]...{text[-(limit // 4):]}"
+    return "".join(c if c.isprintable() else repr(c)[1:-1][:6] for c in text)
+
+
 class UserError(ValueError):
     """Base class: bad input, not a bug."""
 

@@ -1,7 +1,9 @@
-"""Decode, check and patchify images and videos for a Qwen-VL vision tower.
+"""Probe, decode and patchify images and videos for a Qwen-VL vision tower.
 
-Every input is checked against Limits before it is decoded in full, so a hostile or broken file
-becomes a MediaError that names the limit, never a crash or an out-of-memory.
+Hostile input is bounded in two passes. `probe_image` reads only a file's header (an allow-listed
+format, its size and aspect ratio), so a whole request is checked against Limits before any pixel
+is decoded. `decode_image` then decodes one image and, given a target size, shrinks it at once, so
+a request never holds more than one full-size frame.
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from torch import Tensor
 from luvc_common.config import FRAME_SUFFIXES, Limits
 from luvc_common.errors import MediaError
 
-
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+"""The only Pillow decoders reachable from a request."""
+MAX_ASPECT_RATIO = 200
+"""Longest over shortest side; Qwen-VL's resizing refuses more."""
 
 
 @dataclass
@@ -27,21 +32,68 @@ class Media:
     """RGB frames (one for an image)."""
 
 
-def decode_image(data: bytes, limits: Limits, name: str = "image") -> Image.Image:
+@dataclass(frozen=True)
+class ImageFile:
+    """An encoded image whose header was checked: its bytes and size, not yet decoded."""
+
+    data: bytes
+    width: int
+    height: int
+    name: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass(frozen=True)
+class MediaFiles:
+    """One media item as checked encoded frames."""
+
+    kind: str
+    frames: list[ImageFile]
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise MediaError(f"{name}: unreadable image (not one of {', '.join(IMAGE_FORMATS)}, or corrupt)") from None
+    except Image.DecompressionBombError:
+        raise MediaError(f"{name}: image header claims a decompression-bomb size") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MediaError(f"{name}: unreadable image ({str(e)[:200]})") from None
+
+
+def probe_image(data: bytes, limits: Limits, name: str = "image") -> ImageFile:
+    """Check an encoded image from its header alone: format, size, pixels and aspect ratio."""
     if not data:
         raise MediaError(f"{name}: empty data")
+    w, h = _open(data, name).size
+    if w * h == 0:
+        raise MediaError(f"{name}: zero-size image ({w}x{h})")
+    if w * h > limits.max_image_pixels:
+        raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={limits.max_image_pixels}")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise MediaError(f"{name}: {w}x{h} has an aspect ratio over {MAX_ASPECT_RATIO}")
+    return ImageFile(data, w, h, name)
+
+
+def decode_image(image: ImageFile | bytes, limits: Limits, name: str = "image", size: tuple[int, int] | None = None) -> Image.Image:
+    """The RGB image, resized to `size` (width, height) right after decoding when given."""
+    if not isinstance(image, ImageFile):
+        image = probe_image(image, limits, name)
     try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h == 0:
-            raise MediaError(f"{name}: zero-size image ({w}x{h})")
-        if w * h > limits.max_image_pixels:
-            raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={limits.max_image_pixels}")
-        return img.convert("RGB")
-    except UnidentifiedImageError:
-        raise MediaError(f"{name}: unreadable image (unknown or corrupt format)") from None
+        img = _open(image.data, image.name).convert("RGB")
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{name}: unreadable image ({e})") from None
+        raise MediaError(f"{image.name}: unreadable image ({str(e)[:200]})") from None
+    return img if size is None or img.size == size else img.resize(size, Image.Resampling.BICUBIC)
+
+
+def check_request_pixels(items: list[MediaFiles], limits: Limits) -> None:
+    total = sum(f.pixels for item in items for f in item.frames)
+    if total > limits.max_request_pixels:
+        raise MediaError(f"media: {total} pixels in all images and frames exceeds max_request_pixels={limits.max_request_pixels}")
 
 
 def load_image(path: str | Path, limits: Limits) -> Media:
@@ -56,8 +108,10 @@ def video_from_frames(frames: list[bytes], limits: Limits, name: str = "video") 
     if not frames:
         raise MediaError(f"{name}: no frames")
     limits.check_count("max_frames", len(frames), f"{name} frames")
-    images = [decode_image(f, limits, f"{name} frame {i}") for i, f in enumerate(frames)]
-    return Media("video", [im if im.size == images[0].size else im.resize(images[0].size) for im in images])
+    files = [probe_image(f, limits, f"{name} frame {i}") for i, f in enumerate(frames)]
+    check_request_pixels([MediaFiles("video", files)], limits)
+    size = (files[0].width, files[0].height)
+    return Media("video", [decode_image(f, limits, size=size) for f in files])
 
 
 def load_video_dir(path: str | Path, limits: Limits) -> Media:

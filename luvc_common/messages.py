@@ -3,25 +3,32 @@ from __future__ import annotations
 
 import torch
 
+import math
+
 from luvc_common.config import Limits
-from luvc_common.media import Media, decode_image, video_from_frames
+from luvc_common.media import MediaFiles, check_request_pixels, probe_image
 from luvc_common.pipeline import EncodedMedia
 from luvc_common.proto import luvc_pb2
-from luvc_common.errors import MediaError, WireError
+from luvc_common.errors import MediaError, WireError, shorten
 from luvc_common.wire import WIRE_DTYPES, TensorSchema, from_wire, to_wire
 
 
-def media_from_proto(items, limits: Limits) -> list[Media]:
+def media_files_from_proto(items, limits: Limits) -> list[MediaFiles]:
+    """The request's media checked from their headers (counts, formats, sizes, total pixels); nothing decoded."""
     limits.check_count("max_media", len(items), "media items")
     media = []
     for i, item in enumerate(items):
         kind = item.WhichOneof("kind")
         if kind == "image":
-            media.append(Media("image", [decode_image(item.image, limits, f"media[{i}]")]))
+            media.append(MediaFiles("image", [probe_image(item.image, limits, f"media[{i}]")]))
         elif kind == "video":
-            media.append(video_from_frames(list(item.video.frames), limits, f"media[{i}]"))
+            if not item.video.frames:
+                raise MediaError(f"media[{i}]: video without frames")
+            limits.check_count("max_frames", len(item.video.frames), f"media[{i}] frames")
+            media.append(MediaFiles("video", [probe_image(f, limits, f"media[{i}] frame {j}") for j, f in enumerate(item.video.frames)]))
         else:
             raise MediaError(f"media[{i}]: neither image nor video set")
+    check_request_pixels(media, limits)
     return media
 
 
@@ -42,16 +49,35 @@ def encoded_to_proto(encoded: EncodedMedia, unit: int, wire_dtype: str, model: s
     )
 
 
+def _check_grids(msg: luvc_pb2.EncodeResponse, unit: int, limits: Limits) -> None:
+    """Grids within the prompt budget and consistent with vit_patches, before anything is allocated for them."""
+    full = source = 0
+    for i, m in enumerate(msg.media):
+        grid, src = (m.grid.t, m.grid.h, m.grid.w), (m.source_grid.t, m.source_grid.h, m.source_grid.w)
+        if min(grid) <= 0 or grid[1] % unit or grid[2] % unit:
+            raise WireError(f"visual.media[{i}].grid={list(grid)}: sides must be positive multiples of {unit}")
+        if min(src) <= 0 or any(s < g for s, g in zip(src, grid)):
+            raise WireError(f"visual.media[{i}].source_grid={list(src)}: expected positive sides, none below grid {list(grid)}")
+        full += math.prod(grid) // unit**2
+        source += math.prod(src)
+        if full > limits.max_prompt_tokens or source > limits.max_vit_patches:
+            raise WireError(f"visual.media: grids of {full}+ LLM tokens / {source}+ ViT patches exceed max_prompt_tokens="
+                            f"{limits.max_prompt_tokens} / max_vit_patches={limits.max_vit_patches}")
+    if msg.vit_patches != source:
+        raise WireError(f"visual.vit_patches={msg.vit_patches} does not match the source grids ({source} patches)")
+    if not (math.isfinite(msg.encode_ms) and 0 <= msg.encode_ms <= 3.6e6):
+        raise WireError(f"visual.encode_ms={msg.encode_ms}: expected a duration in [0, 3.6e6] ms")
+
+
 def encoded_from_proto(msg: luvc_pb2.EncodeResponse, hidden_size: int, unit: int, limits: Limits) -> EncodedMedia:
-    """Validate visual tokens received from an encoder (or a client) against this model."""
+    """Validate visual tokens received from an encoder (or a client) against this model and the limits."""
     limits.check_count("max_media", len(msg.media), "visual.media items")
+    _check_grids(msg, unit, limits)
     kinds, grids, sources, cells = [], [], [], []
     for i, m in enumerate(msg.media):
         grid, source = (m.grid.t, m.grid.h, m.grid.w), (m.source_grid.t, m.source_grid.h, m.source_grid.w)
         if m.kind not in ("image", "video"):
-            raise WireError(f"visual.media[{i}].kind={m.kind!r}: expected image or video")
-        if min(grid) <= 0 or grid[1] % unit or grid[2] % unit:
-            raise WireError(f"visual.media[{i}].grid={list(grid)}: sides must be positive multiples of {unit}")
+            raise WireError(f"visual.media[{i}].kind={shorten(repr(m.kind), 40)}: expected image or video")
         full = grid[0] * grid[1] * grid[2] // unit**2
         if m.cells:
             c = torch.tensor(list(m.cells), dtype=torch.long)

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from luvc_common.config import CompressionConfig, Limits, method_spec
-from luvc_common.errors import PromptError
-from luvc_common.media import Media, patchify
+from luvc_common.errors import MediaError, PromptError
+from luvc_common.media import Media, MediaFiles, decode_image, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
 from luvc_common.models.qwen_language import LanguageEngine, Request, present_counts
 from luvc_common.models.qwen_vision import encode
@@ -74,13 +76,45 @@ class VisionEncoder:
         self.image_processor = load_image_processor(model_cfg.path)
         self.unit = self.visual.spatial_merge_size
 
+    def planned_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image processor resizes an image of this size to."""
+        p = self.image_processor
+        h, w = smart_resize(height, width, factor=p.patch_size * p.merge_size, min_pixels=p.size["shortest_edge"],
+                            max_pixels=p.size["longest_edge"])
+        return w, h
+
+    def check_patches(self, items: list[MediaFiles], limits: Limits) -> None:
+        """Refuse a request whose media would make more than limits.max_vit_patches patches: from
+        the headers, before anything is decoded."""
+        tp, patch = self.image_processor.temporal_patch_size, self.image_processor.patch_size
+        total = 0
+        for item in items:
+            w, h = self.planned_size(item.frames[0].width, item.frames[0].height)
+            total += -(-len(item.frames) // tp) * (w // patch) * (h // patch) if item.kind == "video" else (w // patch) * (h // patch)
+        if total > limits.max_vit_patches:
+            raise MediaError(f"media: {total} ViT patches after resizing exceeds max_vit_patches={limits.max_vit_patches}")
+
+    def decode(self, items: list[MediaFiles], limits: Limits, check: Callable[[], None] = lambda: None) -> list[Media]:
+        """Decode checked media, each frame shrunk to its processed size at once; check() runs
+        between frames (it raises to stop)."""
+        media = []
+        for item in items:
+            size = self.planned_size(item.frames[0].width, item.frames[0].height)
+            frames = []
+            for f in item.frames:
+                check()
+                frames.append(decode_image(f, limits, size=size))
+            media.append(Media(item.kind, frames))
+        return media
+
     @torch.no_grad()
-    def encode(self, media: list[Media], compression: CompressionConfig) -> EncodedMedia:
+    def encode(self, media: list[Media], compression: CompressionConfig, check: Callable[[], None] = lambda: None) -> EncodedMedia:
+        """check() runs between vision blocks (it raises to stop)."""
         t0 = time.perf_counter()
         if not media:
             return EncodedMedia.empty(self.visual.merger.mlp[-1].out_features)
         pixels, grid_thw = patchify(media, self.image_processor)
-        out = encode(self.visual, pixels, grid_thw, compression)
+        out = encode(self.visual, pixels, grid_thw, compression, check)
         as_tuples = lambda g: [tuple(int(v) for v in row) for row in g.tolist()]  # noqa: E731
         return EncodedMedia(
             embeds=out.embeds, kinds=[m.kind for m in media], grids=as_tuples(out.grids), source_grids=as_tuples(grid_thw),
@@ -97,7 +131,7 @@ class TextGenerator:
 
     def check(self, question: str, max_new_tokens: int) -> None:
         """Request checks that need no media, so a service can fail fast before calling the encoder."""
-        check_question(question)
+        check_question(question, self.limits.max_prompt_chars)
         if not 0 < max_new_tokens <= self.limits.max_new_tokens:
             raise PromptError(f"max_new_tokens={max_new_tokens} is outside [1, {self.limits.max_new_tokens}]")
 
@@ -106,10 +140,12 @@ class TextGenerator:
         return build_prompt_ids(self.tokenizer, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
 
     def generate(
-        self, question: str, encoded: EncodedMedia, compression: CompressionConfig, max_new_tokens: int, on_step=None
+        self, question: str, encoded: EncodedMedia, compression: CompressionConfig, max_new_tokens: int, on_step=None,
+        ids: list[int] | None = None,
     ) -> GenerateResult:
+        """`ids`: the prompt ids when the caller has already built them with prompt_ids()."""
         self.check(question, max_new_tokens)
-        ids = self.prompt_ids(question, encoded)
+        ids = ids or self.prompt_ids(question, encoded)
         request = Request(ids, encoded.embeds, encoded.grids, encoded.cells)
         gen = self.engine.generate([request], compression, max_new_tokens, on_step=on_step)
         tokens = gen.token_ids[0]

@@ -1,36 +1,36 @@
-"""Qwen-VL chat prompts with one placeholder run per media item, sized from the (merged) grid."""
+"""Qwen-VL chat prompts with one placeholder run per media item, sized from the (merged) grid.
+
+The client's text is tokenized as text only (`split_special_tokens`): whatever it contains, the only
+special tokens in a prompt are the ones the template puts there.
+"""
 from __future__ import annotations
 
-from luvc_common.errors import PromptError
+import re
+
+from luvc_common.errors import PromptError, shorten
 from luvc_common.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 MARKS = {"image": "<image>", "video": "<video>"}
 PADS = {"image": IMAGE_PAD, "video": VIDEO_PAD}
-RESERVED = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+_MARK = re.compile("|".join(map(re.escape, MARKS.values())))
+_KIND = {mark: kind for kind, mark in MARKS.items()}
 
 
-def _marks_in_order(text: str) -> list[str]:
-    found, i = [], 0
-    while True:
-        hits = [(text.find(m, i), kind) for kind, m in MARKS.items() if text.find(m, i) >= 0]
-        if not hits:
-            return found
-        pos, kind = min(hits)
-        found.append(kind)
-        i = pos + len(MARKS[kind])
-
-
-def check_question(question: str) -> None:
-    """A question must have text and must not smuggle in the chat or vision special tokens."""
+def check_question(question: str, max_chars: int) -> None:
+    """A question must have text and fit max_chars; checked before anything tokenizes it."""
+    if len(question) > max_chars:
+        raise PromptError(f"prompt is {len(question)} characters, exceeds max_prompt_chars={max_chars}")
     if not question.strip():
         raise PromptError("empty prompt")
-    if any(tok in question for tok in RESERVED):
-        raise PromptError(f"prompt contains a reserved special token (one of {RESERVED})")
 
 
 def chat_turn(question: str) -> str:
     """A user turn asking `question`, then the assistant header its answer follows (Qwen chat format)."""
     return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
+
+
+def _describe(kinds: list[str]) -> str:
+    return shorten(str(kinds), 80) if len(kinds) <= 8 else f"{len(kinds)} items"
 
 
 def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: list[int], max_tokens: int) -> list[int]:
@@ -39,18 +39,20 @@ def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: l
     `<image>` / `<video>` markers in the question place the items; without markers all items go
     first, in order. Each item's placeholder token is repeated token_counts[i] times.
     """
-    check_question(question)
-    marks = _marks_in_order(question)
+    marks = [_KIND[m] for m in _MARK.findall(question)]
+    texts = _MARK.split(question)
     if not marks:
-        question = "".join(MARKS[k] for k in kinds) + question
+        texts = [""] * len(kinds) + texts
     elif marks != kinds:
-        raise PromptError(f"prompt places media {marks} but the request has media {kinds}")
-    for kind in kinds:
-        question = question.replace(MARKS[kind], VISION_START + PADS[kind] + VISION_END, 1)
-    ids = tokenizer(chat_turn(question), add_special_tokens=False)["input_ids"]
-    pad_ids = {tokenizer.convert_tokens_to_ids(p) for p in PADS.values()}
-    counts = iter(token_counts)
-    expanded = [t for i in ids for t in ([i] * next(counts) if i in pad_ids else [i])]
-    if len(expanded) > max_tokens:
-        raise PromptError(f"prompt is {len(expanded)} tokens, exceeds max_prompt_tokens={max_tokens}")
-    return expanded
+        raise PromptError(f"prompt places media {_describe(marks)} but the request has media {_describe(kinds)}")
+    special = tokenizer.convert_tokens_to_ids
+    encode = lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # noqa: E731
+    runs = [encode(t) for t in ["user\n" + texts[0], *texts[1:]]]
+    tail = [special(IM_END), *encode("\n"), special(IM_START), *encode("assistant\n")]
+    length = 1 + sum(map(len, runs)) + sum(token_counts) + 2 * len(kinds) + len(tail)
+    if length > max_tokens:
+        raise PromptError(f"prompt is {length} tokens, exceeds max_prompt_tokens={max_tokens}")
+    ids = [special(IM_START), *runs[0]]
+    for kind, count, run in zip(kinds, token_counts, runs[1:]):
+        ids += [special(VISION_START), *[special(PADS[kind])] * count, special(VISION_END), *run]
+    return ids + tail

@@ -10,13 +10,15 @@ import os
 import signal
 import threading
 import time
+from dataclasses import fields
 
 import ray
 from ray import serve
 
 from encoder_service.service import EncoderConfig, EncoderServicer
 from llm_service.service import LLMConfig, LLMServicer
-from luvc_common.config import DEFAULT_MODEL
+from luvc_common.config import DEFAULT_MODEL, Limits, from_args
+from luvc_common.errors import ConfigError
 from luvc_common.launch import free_port
 from luvc_common.models.loading import ModelConfig
 from luvc_common.serving import ServerConfig, get_logger, log
@@ -47,55 +49,87 @@ def _autoscaling(args: dict) -> dict:
     return {**AUTOSCALING, **{k: type(v)(args[k]) for k, v in AUTOSCALING.items() if k in args}}
 
 
-def _deployment(servicer, name: str, args: dict):
+def _deployment(servicer, name: str, args: dict, server: ServerConfig):
     return serve.deployment(
         servicer,
         name=name,
         autoscaling_config=_autoscaling(args),
         ray_actor_options=actor_options(args),
-        max_ongoing_requests=int(args.get("max_ongoing_requests", 8)),
+        max_ongoing_requests=int(args.get("max_ongoing_requests", server.max_queue + 1)),
+        graceful_shutdown_timeout_s=server.grace_s,
     )
 
 
-def llm_app(args: dict):
-    """Builder: args encoder (host:port, required), model, encoder_application, and autoscaling /
+DEPLOYMENT_ARGS = {"num_gpus", "num_cpus", "max_ongoing_requests", *AUTOSCALING}
+
+
+def _configs(args: dict, service_config: type, **fixed):
+    """(service config, ServerConfig) from a builder's args: the service config's fields (limits
+    fields flattened in), ServerConfig's auth_token and max_queue / grace_s, and the deployment knobs.
+    Tokens default to LUVC_AUTH_TOKEN / LUVC_ENCODER_TOKEN from the environment. Unknown keys are
+    an error, so a misspelt limit is never silently dropped."""
+    service_keys = {f.name for f in fields(service_config)} - {"model", "limits"}
+    known = service_keys | {f.name for f in fields(Limits)} | {"model", "auth_token", "max_queue", "grace_s"} | DEPLOYMENT_ARGS
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"unknown {service_config.__name__} args {unknown}; expected some of {sorted(known)}")
+    env = {"auth_token": os.environ.get("LUVC_AUTH_TOKEN"), "encoder_token": os.environ.get("LUVC_ENCODER_TOKEN")}
+    args = {**{k: v for k, v in env.items() if v}, **args}
+    model = ModelConfig(args.get("model", str(DEFAULT_MODEL)))
+    config = from_args(service_config, {k: v for k, v in args.items() if k in service_keys}, model=model,
+                       limits=from_args(Limits, args), **fixed)
+    return config, from_args(ServerConfig, {k: args[k] for k in ("auth_token", "max_queue", "grace_s") if k in args})
+
+
+def llm_app(args: dict, config: LLMConfig | None = None, server: ServerConfig | None = None):
+    """Builder: args encoder (host:port, required), model, encoder_application, encoder_token,
+    encoder_tls_ca, default_method, any Limits field, auth_token, max_queue, grace_s, and autoscaling /
     actor overrides (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,
-    downscale_delay_s, num_gpus, num_cpus, max_ongoing_requests)."""
-    config = LLMConfig(
-        encoder=args["encoder"],
-        model=ModelConfig(args.get("model", str(DEFAULT_MODEL))),
-        encoder_application=args.get("encoder_application"),
-    )
-    return _deployment(LLMServicer, "llm", args).bind(config, ServerConfig(), load_now=True)
+    downscale_delay_s, num_gpus, num_cpus, max_ongoing_requests). `luvc serve llm --ray` passes its
+    own config objects instead of the config args."""
+    if config is None:
+        if "encoder" not in args:
+            raise ConfigError("llm_app needs an `encoder` arg (host:port of the encoder)")
+        config, server = _configs(args, LLMConfig)
+    return _deployment(LLMServicer, "llm", args, server).bind(config, server, load_now=True)
 
 
 def encoder_app(args: dict):
-    """Builder for the encoder stage as its own autoscaled application: args model and overrides."""
-    config = EncoderConfig(ModelConfig(args.get("model", str(DEFAULT_MODEL))))
-    return _deployment(EncoderServicer, "encoder", args).bind(config, ServerConfig(), load_now=True)
+    """Builder for the encoder stage as its own autoscaled application: args model, default_method,
+    any Limits field, auth_token, max_queue, grace_s and the deployment overrides."""
+    config, server = _configs(args, EncoderConfig)
+    return _deployment(EncoderServicer, "encoder", args, server).bind(config, server, load_now=True)
 
 
-def run_llm_on_ray(host: str, port: int, encoder: str, model: str, extra: dict | None = None) -> None:
+def run_llm_on_ray(config: LLMConfig, server: ServerConfig, deployment_args: dict | None = None) -> None:
     """`luvc serve llm --ray`: join RAY_ADDRESS or start a local Ray (temp dir RAY_TMPDIR), deploy
-    the LLM app behind Ray's gRPC proxy on host:port, and shut down what we started on SIGTERM."""
+    the LLM app behind Ray's gRPC proxy on server.host:server.port with the same config objects the
+    plain server takes, and shut down what we started on SIGTERM.
+
+    Ray's proxy serves plaintext only, so TLS is refused here (terminate it in front of the proxy);
+    the message limit reaches the proxy through RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, which a local Ray
+    instance inherits (on an existing cluster, set it on the nodes)."""
+    if server.tls_cert:
+        raise ConfigError("--tls-cert/--tls-key with --ray: Ray Serve's gRPC proxy serves plaintext only; "
+                          "terminate TLS in front of it, or serve without --ray")
     logger = get_logger("llm-ray")
     t0 = time.perf_counter()
     address = os.environ.pop("RAY_ADDRESS", "") or None  # Ray itself rejects an empty RAY_ADDRESS
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(server.max_message_bytes)
     ray.init(address=address, include_dashboard=False, _temp_dir=os.environ.get("RAY_TMPDIR") or None)
     t_ray = time.perf_counter()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
         signal.signal(sig, lambda *_: stop.set())
     serve.start(
-        http_options={"host": host, "port": int(os.environ.get("LUVC_RAY_HTTP_PORT", 0)) or free_port(host)},
-        grpc_options={"port": port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+        http_options={"host": server.host, "port": int(os.environ.get("LUVC_RAY_HTTP_PORT", 0)) or free_port(server.host)},
+        grpc_options={"port": server.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
     )
-    serve.run(llm_app({"encoder": encoder, "model": model, **(extra or {})}), name="llm", route_prefix="/llm")
-    log(logger, "deployed; SERVING through Ray's gRPC proxy", port=port, application="llm",
+    serve.run(llm_app(deployment_args or {}, config, server), name="llm", route_prefix="/llm")
+    log(logger, "deployed; SERVING through Ray's gRPC proxy", port=server.port, application="llm", auth=bool(server.auth_token),
         ray_start_s=round(t_ray - t0, 2), deploy_s=round(time.perf_counter() - t_ray, 2), joined_cluster=address is not None)
     stop.wait()
     log(logger, "stopping")
     serve.shutdown()
     ray.shutdown()
     log(logger, "stopped")
-

@@ -8,14 +8,17 @@ around them, so another transport (Ray Serve) can host the same classes.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
+import re
 import signal
+import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from luvc_common.client import MiB, REQUEST_ID
-from luvc_common.errors import ConfigError, UserError
+from luvc_common.errors import ConfigError, UserError, shorten
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,16 @@ class ServerConfig:
     """PEM certificate chain file; with tls_key, serve TLS instead of plaintext."""
     tls_key: str | None = None
     """PEM private key file."""
+    health_interval_s: float = 2.0
+    """How often a service with dependencies (the LLM's encoder) checks them for its health status."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port={self.port} is invalid: expected 0..65535")
         if self.max_message_bytes < MiB:
             raise ConfigError(f"max_message_bytes={self.max_message_bytes} is invalid: expected at least {MiB}")
+        if self.max_queue < 0 or self.grace_s < 0 or self.health_interval_s <= 0:
+            raise ConfigError("max_queue and grace_s must be >= 0 and health_interval_s > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key must be given together")
 
@@ -70,35 +77,59 @@ class ServiceError(Exception):
         return self.message
 
 
+class Stopped(Exception):
+    """Raised on the worker thread when its request was cancelled or ran past its deadline."""
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
 @dataclass
 class Call:
-    """Transport-independent view of one RPC: request id, auth header, deadline, cancellation."""
+    """Transport-independent view of one RPC: request id, auth header, deadline, and a stop flag the
+    worker thread checks between steps (set when the client cancels)."""
 
     request_id: str
     authorization: str = ""
     deadline: float | None = None
     """time.monotonic() by which the client stops waiting, if it set a deadline."""
-    cancelled: Callable[[], bool] = lambda: False
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
+    def stopped(self) -> bool:
+        return self.stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def check(self) -> None:
+        """Raise Stopped when the work should end (a checkpoint between steps)."""
+        if self.stopped():
+            raise Stopped
+
+    def stop_error(self) -> "ServiceError":
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the work finished")
+        return ServiceError(grpc.StatusCode.CANCELLED, "request cancelled")
+
     @classmethod
     def from_context(cls, context) -> "Call":
-        """From a grpc.aio ServicerContext or Ray Serve's RayServegRPCContext (which has neither a
-        deadline nor cancellation; Ray's proxy enforces its own request_timeout_s)."""
+        """From a grpc.aio ServicerContext or Ray Serve's RayServegRPCContext (which has no deadline;
+        Ray's proxy enforces its own request_timeout_s). A request id that is not 1-64 characters of
+        [A-Za-z0-9._:-] is replaced by a fresh one."""
         meta = {k: v for k, v in (context.invocation_metadata() or ())}
         remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        request_id = meta.get(REQUEST_ID, "")
         return cls(
-            request_id=meta.get(REQUEST_ID) or uuid.uuid4().hex[:16],
+            request_id=request_id if isinstance(request_id, str) and _REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex[:16],
             authorization=meta.get("authorization", ""),
             deadline=None if remaining is None else time.monotonic() + remaining,
-            cancelled=getattr(context, "cancelled", lambda: False),
         )
 
 
 class Gate:
-    """Readiness, auth and backpressure for one model: one request computes, max_queue wait."""
+    """Readiness, auth and backpressure for one model: one request computes on a worker thread,
+    max_queue wait. The compute slot is held until the worker thread has returned, also when the
+    RPC is cancelled, so abandoned work never overlaps the next request."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -108,12 +139,14 @@ class Gate:
 
     def admit(self, call: Call) -> None:
         token = self.config.auth_token
-        if token and call.authorization != f"Bearer {token}":
+        if token and not hmac.compare_digest(call.authorization.encode(), f"Bearer {token}".encode()):
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         if not self.ready:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "model is still loading; retry when health is SERVING")
 
-    async def __aenter__(self):
+    async def stream(self, call: Call, work: Callable[[Callable[[Any], None]], Any]) -> AsyncIterator[Any]:
+        """Run work(emit) on a worker thread in the compute slot; yield each emitted item as it comes,
+        then work's return value last. A cancelled consumer sets call.stop and waits for the thread."""
         if self._waiting >= self.config.max_queue:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {self._waiting} requests queued (max_queue={self.config.max_queue})")
         self._waiting += 1
@@ -121,15 +154,39 @@ class Gate:
             await self._compute.acquire()
         finally:
             self._waiting -= 1
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        emit = lambda item: loop.call_soon_threadsafe(items.put_nowait, item)  # noqa: E731
+        task = asyncio.ensure_future(asyncio.to_thread(lambda: (call.check(), work(emit))[1]))
+        task.add_done_callback(lambda _: items.put_nowait(_DONE))
+        try:
+            while (item := await items.get()) is not _DONE:
+                yield item
+            result = task.result()
+        except BaseException:
+            call.stop.set()
+            await asyncio.shield(asyncio.wait([task]))
+            raise
+        finally:
+            self._compute.release()
+        yield result
 
-    async def __aexit__(self, *exc):
-        self._compute.release()
+    async def run(self, call: Call, work: Callable[[], Any]) -> Any:
+        """work() on a worker thread in the compute slot (see stream)."""
+        async for result in self.stream(call, lambda _emit: work()):
+            pass
+        return result
+
+
+_DONE = object()
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname, "service": record.name, "msg": record.getMessage()}
         entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
@@ -148,18 +205,30 @@ def log(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -
     logger.log(level, msg, extra={"fields": fields})
 
 
-async def abort_on_error(context, error: Exception, logger: logging.Logger, call: Call) -> None:
-    """Turn an exception into the RPC's status (always raises); unexpected ones become INTERNAL.
+MAX_DETAILS = 1000
+"""Longest status message sent to a client (gRPC's trailers must fit its 8 KiB header limit)."""
 
-    A grpc.aio context aborts; Ray Serve's context takes the code and details, and the re-raised
-    error makes Ray's proxy answer with them."""
+
+def status_of(error: BaseException, call: Call) -> tuple[grpc.StatusCode, str]:
+    """The status code and bounded message a failure gets; unexpected errors are INTERNAL."""
     if isinstance(error, ServiceError):
         code, message = error.code, str(error)
+    elif isinstance(error, Stopped):
+        return status_of(call.stop_error(), call)
     elif isinstance(error, UserError):
         code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
     else:
-        logger.exception("unexpected error", extra={"fields": {"request_id": call.request_id}})
         code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see server log, request {call.request_id}"
+    return code, shorten(message, MAX_DETAILS)
+
+
+async def abort_on_error(context, error: BaseException, logger: logging.Logger, call: Call) -> None:
+    """Turn an exception into the RPC's status (always raises); unexpected ones are logged with
+    their traceback. A grpc.aio context aborts; Ray Serve's context takes the code and details, and
+    the re-raised error makes Ray's proxy answer with them."""
+    code, message = status_of(error, call)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.error("unexpected error", exc_info=error, extra={"fields": {"request_id": call.request_id}})
     log(logger, "request failed", logging.WARNING, request_id=call.request_id, code=code.name, error=message)
     if hasattr(context, "abort"):
         await context.abort(code, message)
@@ -168,10 +237,76 @@ async def abort_on_error(context, error: Exception, logger: logging.Logger, call
     raise error
 
 
+def log_abandoned(logger: logging.Logger, call: Call) -> None:
+    """The line a request leaves when its client went away (cancel or deadline) mid-work."""
+    log(logger, "request abandoned", logging.WARNING, request_id=call.request_id, code=call.stop_error().code.name)
+
+
+_CORRUPT = object()
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """What every RPC passes before its handler runs, health checks excepted: the bearer token is
+    checked from the headers, before the request body is read, and a body that does not parse as
+    the method's message gets INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str | None):
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def intercept_service(self, continuation, details):
+        method = details.method
+        if not method.startswith(self.OPEN) and self.expected is not None:
+            given = dict(details.invocation_metadata or ()).get("authorization", "")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.expected):
+                return _refuse(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        handler = await continuation(details)
+        if handler is None:
+            return _refuse(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {shorten(method, 120)}")
+        if handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        return _parse_safely(handler, method)
+
+
+def _refuse(code: grpc.StatusCode, message: str):
+    """A handler that answers `code` without reading the request (a streaming-request handler never
+    pulls the body off the wire)."""
+    async def refuse(_requests, context):
+        await context.abort(code, message)
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+def _parse_safely(handler, method: str):
+    deserialize = handler.request_deserializer
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's bad body
+            return _CORRUPT
+
+    message = f"request body is not a valid message for {shorten(method, 120)}"
+    if handler.unary_unary:
+        async def unary(request, context):
+            if request is _CORRUPT:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return await handler.unary_unary(request, context)
+        return handler._replace(request_deserializer=parse, unary_unary=unary)
+
+    async def streaming(request, context):
+        if request is _CORRUPT:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        async for reply in handler.unary_stream(request, context):
+            yield reply
+    return handler._replace(request_deserializer=parse, unary_stream=streaming)
+
+
 class ServicerBase:
     """What a gRPC servicer shares: it owns one service (`service_class(config, server)`); the
     same servicer object is hosted by grpc.aio (`run`) or as a Ray Serve deployment (`load_now`).
-    Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally."""
+    Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally.
+    Every failure becomes a status code; a client that goes away leaves a log line."""
 
     service_class: type
     add_to_server: Callable
@@ -183,26 +318,58 @@ class ServicerBase:
             self.service.load()
             self.service.gate.ready = True
 
+    async def _unary(self, grpc_context, method: Callable, request):
+        call = Call.from_context(grpc_context)
+        try:
+            return await method(request, call)
+        except asyncio.CancelledError:
+            log_abandoned(self.service.logger, call)
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+            await abort_on_error(grpc_context, e, self.service.logger, call)
+
+    async def _streaming(self, grpc_context, method: Callable, request):
+        call = Call.from_context(grpc_context)
+        try:
+            async for reply in method(request, call):
+                yield reply
+        except asyncio.CancelledError:
+            log_abandoned(self.service.logger, call)
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+            await abort_on_error(grpc_context, e, self.service.logger, call)
+
     @classmethod
     def run(cls, config, server: ServerConfig) -> None:
         """Serve with grpc.aio until SIGTERM (see `serve`)."""
         servicer = cls(config, server)
-        service = servicer.service
-        add = lambda s: cls.add_to_server(servicer, s)  # noqa: E731
-        asyncio.run(serve(server, [cls.service_name], add, service.load, service.gate, service.logger))
+        asyncio.run(serve(server, [cls.service_name], lambda s: cls.add_to_server(servicer, s), servicer.service))
 
 
-async def serve(
-    config: ServerConfig,
-    service_names: list[str],
-    add_servicers: Callable[[grpc.aio.Server], None],
-    load: Callable[[], None],
-    gate: Gate,
-    logger: logging.Logger,
-) -> None:
+async def _set_health(health: HealthServicer, names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *names]:
+        await health.set(name, status)
+
+
+async def _watch_dependencies(service, health: HealthServicer, names: list[str], interval_s: float) -> None:
+    """Health follows service.dependencies_ready() (the LLM's encoder), checked every interval_s."""
+    ready = True
+    while True:
+        now = await service.dependencies_ready()
+        if now != ready:
+            ready = now
+            await _set_health(health, names, ready)
+            log(service.logger, "dependencies ready; SERVING" if ready else "a dependency is unreachable; NOT_SERVING",
+                logging.INFO if ready else logging.WARNING)
+        await asyncio.sleep(interval_s)
+
+
+async def serve(config: ServerConfig, service_names: list[str], add_servicers: Callable[[grpc.aio.Server], None], service) -> None:
     """Start the server (health NOT_SERVING), load the model in a thread, flip to SERVING, and run
-    until SIGTERM/SIGINT; then report NOT_SERVING, stop taking new RPCs and drain for grace_s."""
-    server = grpc.aio.server(options=config.channel_options())
+    until SIGTERM/SIGINT; then report NOT_SERVING, stop taking new RPCs and drain for grace_s.
+    A service with `dependencies_ready()` reports NOT_SERVING while that answers False."""
+    server = grpc.aio.server(options=config.channel_options(), interceptors=[GuardInterceptor(config.auth_token)])
     add_servicers(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -213,9 +380,9 @@ async def serve(
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key.read(), cert.read())]))
     else:
         port = server.add_insecure_port(address)
-    for name in ["", *service_names]:
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health, service_names, False)
     await server.start()
+    logger = service.logger
     log(logger, "listening", host=config.host, port=port, tls=bool(config.tls_cert), auth=bool(config.auth_token))
 
     stop = asyncio.Event()
@@ -223,17 +390,20 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     delay = float(os.environ.get("LUVC_DEBUG_LOAD_DELAY_S", "0"))  # lets tests observe the loading state
-    loader = asyncio.ensure_future(asyncio.to_thread(lambda: (time.sleep(delay), load())))
+    loader = asyncio.ensure_future(asyncio.to_thread(lambda: (time.sleep(delay), service.load())))
     await asyncio.wait([loader, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    watcher = None
     if loader.done():
         loader.result()  # a failed load ends the process with its error
-        gate.ready = True
-        for name in ["", *service_names]:
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        service.gate.ready = True
+        await _set_health(health, service_names, True)
         log(logger, "model loaded; SERVING")
+        if hasattr(service, "dependencies_ready"):
+            watcher = asyncio.ensure_future(_watch_dependencies(service, health, service_names, config.health_interval_s))
         await stop.wait()
+    if watcher:
+        watcher.cancel()
     log(logger, "stopping: draining in-flight requests", grace_s=config.grace_s)
-    for name in ["", *service_names]:
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health, service_names, False)
     await server.stop(config.grace_s)
     log(logger, "stopped")

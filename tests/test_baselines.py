@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import conftest
+
 from luvc_common.compression import baselines as B
 from luvc_common.config import BASELINES, LLM_BASELINES, VISION_BASELINES, method_config, method_spec
 from luvc_common.errors import ConfigError
@@ -145,17 +147,35 @@ def test_full_budget_equals_uncompressed(pipeline, demo_image, demo_video, metho
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a.step_logits, b.step_logits))
 
 
-def test_fastv_runs_one_eager_layer_and_sdpa_elsewhere(pipeline, demo_image, monkeypatch):
-    """FastV needs attention weights at layer K-1 only; every other layer keeps the fast kernel."""
-    from luvc_common.models import qwen_language
+def test_fastv_never_asks_the_kernel_for_attention_weights(tiny_qwen2vl, demo_image):
+    """FastV's scores are recomputed from layer K-1's input and cached keys, so it runs on a kernel that
+    returns no weights (like FlashAttention) and gives what it gives on sdpa."""
+    sdpa = Pipeline(ModelConfig(tiny_qwen2vl))
+    blind = Pipeline(ModelConfig(tiny_qwen2vl, attn_implementation="refuse_weights"))
+    spec = method_config("fastv:keep=0.5,layer=0.5")
+    calls = conftest.ATTENTION_CALLS["refuse_weights"]
+    a, b = (p.generate([demo_image], PROMPT, spec, 4) for p in (sdpa, blind))
+    assert conftest.ATTENTION_CALLS["refuse_weights"] > calls
+    assert a.token_ids == b.token_ids and a.visual_tokens["llm_per_layer"] == b.visual_tokens["llm_per_layer"]
 
-    seen = []
-    original = qwen_language.LanguageEngine._eager_layer
-    monkeypatch.setattr(qwen_language.LanguageEngine, "_eager_layer",
-                        staticmethod(lambda layer, h, kw: (seen.append(layer.self_attn.layer_idx), original(layer, h, kw))[1]))
-    pipeline.generate([demo_image], PROMPT, method_config("fastv:keep=0.5,layer=0.5"), 1)
-    assert seen == [1]  # K = round(0.5 * 4) = 2: scores from layer 1
-    assert pipeline.generator.engine.config.text_config._attn_implementation == "sdpa"
+
+def test_fastv_scores_equal_eager_attention_weights(tiny_qwen2vl, demo_image, monkeypatch):
+    """The recomputed last-query row equals what eager attention returns in layer K-1."""
+    from luvc_common.models.qwen_language import LanguageEngine
+
+    pipe = Pipeline(ModelConfig(tiny_qwen2vl, attn_implementation="eager"))
+    engine = pipe.generator.engine
+    encoded = pipe.encoder.encode([demo_image], None)
+    ids = pipe.generator.prompt_ids(PROMPT, encoded)
+    eager, recomputed = [], []
+    original = LanguageEngine._last_query_attention
+    monkeypatch.setattr(LanguageEngine, "_last_query_attention", staticmethod(lambda *a: recomputed.append(original(*a)) or recomputed[-1]))
+    hook = engine.lm.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: eager.append(out[1][:, :, -1].float()))
+    try:  # K = round(0.5 * 4) = 2: scores from layer 1
+        engine.prefill([Request(ids, encoded.embeds, encoded.grids)], method_config("fastv:keep=0.5,layer=0.5"))
+    finally:
+        hook.remove()
+    assert len(recomputed) == 1 and torch.allclose(recomputed[0], eager[0], atol=1e-5)
 
 
 def test_tome_refuses_windowed_towers(tmp_path, demo_image):

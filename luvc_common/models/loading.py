@@ -8,7 +8,6 @@ safetensors files, so neither service reads or holds the other's weights.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +137,3 @@ def load_tokenizer(path: str | Path):
 
 def load_image_processor(path: str | Path):
     return AutoImageProcessor.from_pretrained(path)
-
-
-@contextmanager
-def attention_implementation(config, name: str):
-    """Run a module whose attention reads `config` with another registered attention function."""
-    old = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = old

@@ -6,9 +6,10 @@ layer remembers its own padding mask; its KV cache holds exactly the tokens that
 Kept tokens keep their original M-RoPE positions; text tokens are never pruned. Nothing asks the
 attention implementation for weights, so sdpa and flash_attention_2 run every layer.
 
-The LLM-side baselines prune the same way at one layer K: DART scores with layer K-1's cached keys,
-FastV needs layer K-1's attention weights, so that one layer runs with eager attention (the
-FlashAttention incompatibility SPU avoids). Items whose encoder kept only some grid cells (the
+The LLM-side baselines prune the same way at one layer K: DART scores with layer K-1's cached keys;
+FastV scores with layer K-1's attention weights of the last query, recomputed here from that
+layer's input and cached keys (one query row), since a fused kernel never returns weights. Nothing
+is switched on the shared model for one request. Items whose encoder kept only some grid cells (the
 vision-side baselines) get placeholders for the full grid, so M-RoPE positions are the stock ones,
 and the absent cells are dropped before the first layer.
 """
@@ -21,11 +22,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from luvc_common.compression import baselines, spu
 from luvc_common.config import LLM_BASELINES, CompressionConfig, SPUConfig
 from luvc_common.errors import ConfigError, PromptError
-from luvc_common.models.loading import attention_implementation
 
 
 @dataclass
@@ -114,10 +115,13 @@ class LanguageEngine:
             offset += n
         return spans
 
-    def _mask(self, valid: Tensor, q_len: int, dtype: torch.dtype, eager: bool = False) -> Tensor | None:
-        """Attention mask for queries = the last q_len of `valid`'s keys (causal)."""
-        if self.config._attn_implementation.startswith("flash") and not eager:
-            return None if bool(valid.all()) else valid.long()
+    def _mask(self, valid: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | None:
+        """Attention mask for queries = the last q_len of `valid`'s keys (causal). None when nothing is
+        padded: the kernel then applies causality itself, in memory linear in the length."""
+        if bool(valid.all()):
+            return None
+        if self.config._attn_implementation.startswith("flash"):
+            return valid.long()
         k_len = valid.shape[1]
         allowed = valid[:, None, None, :].expand(-1, 1, q_len, -1)
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=valid.device).tril(k_len - q_len)
@@ -188,13 +192,11 @@ class LanguageEngine:
             for b in range(len(requests)):
                 visual_per_layer[b].append(sum(len(self._members(source[b], s)) for s in spans[b]))
             layer_valid.append(valid)
-            eager = baseline == "fastv" and i == prune_at - 1
-            kwargs = dict(position_embeddings=(cos, sin), past_key_values=cache, use_cache=True,
-                          attention_mask=self._mask(valid, hidden.shape[1], dtype, eager))
-            if eager:
-                hidden, attention = self._eager_layer(layer, hidden, kwargs)
-            else:
-                hidden = layer(hidden, **kwargs)
+            layer_in = hidden
+            hidden = layer(hidden, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True,
+                           attention_mask=self._mask(valid, hidden.shape[1], dtype))
+            if baseline == "fastv" and i == prune_at - 1:
+                attention = self._last_query_attention(layer, layer_in, cos, sin, cache.layers[i].keys, valid)
         logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
         return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
 
@@ -206,17 +208,16 @@ class LanguageEngine:
         return k
 
     @staticmethod
-    def _eager_layer(layer, hidden: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
-        """Run one decoder layer with eager attention and return (output, last query's attention
-        weights (B, heads, keys))."""
-        captured = []
-        hook = layer.self_attn.register_forward_hook(lambda _m, _a, out: captured.append(out[1][:, :, -1].float()))
-        try:
-            with attention_implementation(layer.self_attn.config, "eager"):
-                out = layer(hidden, **kwargs)
-        finally:
-            hook.remove()
-        return out, captured[0]
+    def _last_query_attention(layer, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
+        """(B, heads, keys) attention weights of the last query in `layer`, from the layer's input and
+        its cached (rotated) keys: what eager attention would return for that row."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(layer_in[:, -1:])
+        q = attn.q_proj(x).view(len(x), 1, -1, attn.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        logits = (q @ keys.transpose(-1, -2))[:, :, 0].float() * attn.scaling
+        return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf")).softmax(-1)
 
     def _dart_scores(self, cache: DynamicCache, layer: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """DART's inputs: layer K-1's cached keys with heads concatenated (B, L, kv_heads * head_dim),

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AttentionInterface
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
@@ -21,7 +21,6 @@ from luvc_common.compression import baselines
 from luvc_common.compression.oim import TokenGrid, merge_layers, merge_step, step_axes
 from luvc_common.config import BaselineConfig, CompressionConfig
 from luvc_common.errors import ConfigError
-from luvc_common.models.loading import attention_implementation
 
 
 @dataclass
@@ -34,17 +33,18 @@ class VisionOutput:
     """Per item, the LLM-token raster cells (of grid / unit) its tokens sit on, increasing; None = every cell."""
 
 
-def _proportional_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, size_log=None, **kwargs):
-    """ToMe's proportional attention: log(size) of each key added to the attention logits."""
-    bias = size_log.to(query.dtype)[None, None, None, :]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+def _proportional_block(block, x: Tensor, position_embeddings: tuple[Tensor, Tensor], size_log: Tensor) -> Tensor:
+    """One vision block over one segment with ToMe's proportional attention: log(size) of each key
+    added to the attention logits. The block's own modules; the bias travels with the call."""
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(x)).reshape(len(x), 3, attn.num_heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=size_log.to(q.dtype)[None, None, None, :], scale=attn.scaling)
+    x = x + attn.proj(out[0].transpose(0, 1).reshape(len(x), -1))
+    return x + block.mlp(block.norm2(x))
 
 
-AttentionInterface.register("luvc_proportional", _proportional_sdpa)
-
-
-def _run_blocks(visual, tokens: TokenGrid, blocks: range) -> Tensor:
+def _run_blocks(visual, tokens: TokenGrid, blocks: range, check: Callable[[], None] = lambda: None) -> Tensor:
     unit = visual.spatial_merge_size
     grid_thw = torch.tensor(tokens.grids, device=tokens.hidden.device)
     cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, visual.config)
@@ -56,6 +56,7 @@ def _run_blocks(visual, tokens: TokenGrid, blocks: range) -> Tensor:
         max_window = get_max_seqlen(cu_window, visual.config)
         x, cos, sin = (visual.permute_input_for_window_attn(v, window_index, len(x)) for v in (x, cos, sin))
     for i in blocks:
+        check()
         full = not windowed or i in visual.fullatt_block_indexes
         x = visual.blocks[i](
             x,
@@ -101,15 +102,13 @@ def _tome(visual, item: TokenGrid, keep_ratio: float) -> tuple[Tensor, Tensor]:
     n = len(x) // unit**2
     kept, sizes = torch.arange(n), torch.ones(n, device=x.device)
     schedule = baselines.tome_schedule(n, baselines.keep_count(n, keep_ratio), len(visual.blocks))
-    with attention_implementation(visual.config, "luvc_proportional"):
-        for block, r in zip(visual.blocks, schedule):
-            cu = torch.tensor([0, len(x)], dtype=torch.int32, device=x.device)
-            size_log = sizes.log().repeat_interleave(unit**2)
-            x_in, x = x, block(x, cu_seqlens=cu, max_seqlen=len(x), position_embeddings=visual.rotary_pos_emb(x, pos), size_log=size_log)
-            if r:
-                src, dst = baselines.bipartite_soft_matching(_units(_keys(block, x_in).mean(1), unit).mean(1), r)
-                merged, sizes, idx = baselines.merge_into(_units(x, unit), sizes, src, dst)
-                x, pos, kept = merged.flatten(0, 1), _units(pos, unit)[idx].flatten(0, 1), kept[idx.cpu()]
+    for block, r in zip(visual.blocks, schedule):
+        size_log = sizes.log().repeat_interleave(unit**2)
+        x_in, x = x, _proportional_block(block, x, visual.rotary_pos_emb(x, pos), size_log)
+        if r:
+            src, dst = baselines.bipartite_soft_matching(_units(_keys(block, x_in).mean(1), unit).mean(1), r)
+            merged, sizes, idx = baselines.merge_into(_units(x, unit), sizes, src, dst)
+            x, pos, kept = merged.flatten(0, 1), _units(pos, unit)[idx].flatten(0, 1), kept[idx.cpu()]
     return x, kept
 
 
@@ -146,9 +145,11 @@ def _pool(embeds: Tensor, grid: tuple[int, int, int], unit: int, keep_ratio: flo
 
 
 @torch.no_grad()
-def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: CompressionConfig | None = None) -> VisionOutput:
+def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: CompressionConfig | None = None,
+           check: Callable[[], None] = lambda: None) -> VisionOutput:
     """Run the vision tower and its projector with the compression's vision-side part: OIM, or one of
-    the tome / visionzip / pool / random baselines.
+    the tome / visionzip / pool / random baselines. check() runs before each block of the OIM path
+    (it raises to stop a cancelled request).
 
     pixel_values: the image processor's flattened patches for all media items, in order;
     grid_thw: (n_items, 3) their patch grids.
@@ -178,10 +179,10 @@ def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: Compress
     layers = merge_layers(oim.merge_depths, depth) if oim else []
     start = 0
     for layer, axis in zip(layers, step_axes(len(layers), oim.first_axis) if oim else []):
-        tokens = TokenGrid(_run_blocks(visual, tokens, range(start, layer)), tokens.sizes, tokens.positions, tokens.grids)
+        tokens = TokenGrid(_run_blocks(visual, tokens, range(start, layer), check), tokens.sizes, tokens.positions, tokens.grids)
         tokens = merge_step(tokens, axis, unit, oim.positions)
         start = layer
-    embeds = visual.merger(_run_blocks(visual, tokens, range(start, depth)))
+    embeds = visual.merger(_run_blocks(visual, tokens, range(start, depth), check))
     grids = torch.tensor(tokens.grids, dtype=torch.long)
     if method not in ("pool", "random"):
         return VisionOutput(embeds, grids, [None] * len(grids))
