@@ -8,7 +8,7 @@ color, shape, count, position, read (a 3-5 digit number) and chart (tallest of 3
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -88,8 +88,43 @@ class _Crowded(Exception):
 
 
 @lru_cache(maxsize=None)
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def _font(size: int, path: str | None = None) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.truetype(path, size) if path else ImageFont.load_default(size=size)
+
+
+@dataclass(frozen=True)
+class Look:
+    """How a scene is drawn. Look() is the datasets' renderer; random_look() varies it for training only."""
+    palette: dict[str, tuple[int, int, int]] = field(default_factory=lambda: dict(COLORS))
+    """RGB of each colour name."""
+    font: str | None = None
+    """TTF file of the digits and bar labels; None: Pillow's default font."""
+
+
+ALT_COLORS = {"red": (235, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 235),
+              "yellow": (245, 230, 0), "purple": (128, 0, 128), "orange": (255, 160, 0)}
+"""A second, CSS-like rendering of each colour name, so that training does not see only COLORS."""
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+
+
+def random_look(rng: np.random.Generator, jitter: int = 20) -> Look:
+    """A training-time look: each colour is COLORS or ALT_COLORS, jittered by up to +-jitter per channel, and the
+    font is Pillow's default or one of the DejaVu TTFs when the machine has them."""
+    palette = {}
+    for name in COLORS:
+        base = np.array((COLORS, ALT_COLORS)[int(rng.integers(2))][name])
+        palette[name] = tuple(int(v) for v in np.clip(base + rng.integers(-jitter, jitter + 1, size=3), 0, 255))
+    fonts = [None, *sorted(str(f) for f in FONT_DIR.glob("DejaVuSans*.ttf"))]
+    return Look(palette, fonts[int(rng.integers(len(fonts)))])
+
+
+def jitter_scene(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene (same answers) with a new light background, objects shrunk by up to 20% about their
+    centres (so they stay apart and in their cells) and the text size changed by up to 2 px."""
+    background = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    objects = tuple(replace(o, size=max(4, int(round(o.size * rng.uniform(0.8, 1.0))))) for o in scene.objects)
+    font_size = scene.font_size + int(rng.integers(-2, 3)) if scene.font_size else 0
+    return replace(scene, background=background, objects=objects, font_size=font_size)
 
 
 def question_text(spec: QuestionSpec) -> str:
@@ -232,29 +267,70 @@ def make_example(seed: int, index: int, task: str | None = None, max_distractors
     raise RuntimeError(f"could not lay out example {index} of seed {seed}")
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draws the scene as an RGB image."""
+def _draw_shape(draw: ImageDraw.ImageDraw, o: Shape, fill) -> None:
+    x0, y0, x1, y1 = o.cx - o.size, o.cy - o.size, o.cx + o.size, o.cy + o.size
+    if o.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif o.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon([(o.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def _text_xy(scene: Scene, font) -> tuple[int, int]:
+    """Where the text goes: scene.text_xy, moved inside the image if this font draws the text wider or taller."""
+    _, _, right, bottom = font.getbbox(scene.text)
+    x, y = scene.text_xy
+    return max(0, min(x, scene.width - right - 2)), max(0, min(y, scene.height - bottom - 2))
+
+
+def render(scene: Scene, look: Look = Look()) -> Image.Image:
+    """Draws the scene as an RGB image (in `look`; the datasets use the default)."""
     img = Image.new("RGB", (scene.width, scene.height), scene.background)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        x0, y0, x1, y1 = o.cx - o.size, o.cy - o.size, o.cx + o.size, o.cy + o.size
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif o.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon([(o.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+        _draw_shape(draw, o, look.palette[o.color])
+    font = _font(scene.font_size, look.font) if scene.font_size else None
     if scene.text:
-        draw.text(scene.text_xy, scene.text, fill=(0, 0, 0), font=_font(scene.font_size))
+        draw.text(_text_xy(scene, font), scene.text, fill=(0, 0, 0), font=font)
     for b in scene.bars:
-        draw.rectangle((b.x0, scene.baseline - b.height, b.x1, scene.baseline), fill=COLORS[b.color])
-        draw.text(((b.x0 + b.x1) // 2, scene.baseline + 4), b.label, fill=(0, 0, 0),
-                  font=_font(scene.font_size), anchor="mt")
+        draw.rectangle((b.x0, scene.baseline - b.height, b.x1, scene.baseline), fill=look.palette[b.color])
+        draw.text(((b.x0 + b.x1) // 2, scene.baseline + 4), b.label, fill=(0, 0, 0), font=font, anchor="mt")
     if scene.bars:
         x0, x1 = scene.bars[0].x0 - 4, scene.bars[-1].x1 + 4
         draw.line((x0, scene.baseline, x1, scene.baseline), fill=(60, 60, 60), width=2)
     return img
+
+
+CHARS = "0123456789" + BAR_LABELS
+LABEL_MAPS = {"color": 1 + len(COLORS), "shape": 1 + len(SHAPES), "char": 1 + len(CHARS), "tallest": 2}
+"""Per-pixel label maps of a scene and their class counts (class 0 is the background)."""
+
+
+def label_maps(scene: Scene, look: Look = Look()) -> dict[str, np.ndarray]:
+    """Per-pixel class maps (H x W uint8) of what render(scene, look) draws: the colour (1-6, objects and bars)
+    and shape (1-3) of each object, which character (1-16: digits, then bar letters) inks each pixel, and
+    the tallest bar with its label (1)."""
+    maps = {name: Image.new("L", (scene.width, scene.height), 0) for name in LABEL_MAPS}
+    draw = {name: ImageDraw.Draw(m) for name, m in maps.items()}
+    colors = list(COLORS)
+    for o in scene.objects:
+        _draw_shape(draw["color"], o, 1 + colors.index(o.color))
+        _draw_shape(draw["shape"], o, 1 + SHAPES.index(o.shape))
+    font = _font(scene.font_size, look.font) if scene.font_size else None
+    if scene.text:
+        x, y = _text_xy(scene, font)
+        for i, ch in enumerate(scene.text):
+            draw["char"].text((x + font.getlength(scene.text[:i]), y), ch, fill=1 + CHARS.index(ch), font=font)
+    tallest = max(scene.bars, key=lambda b: b.height) if scene.bars else None
+    for b in scene.bars:
+        box, label_xy = (b.x0, scene.baseline - b.height, b.x1, scene.baseline), ((b.x0 + b.x1) // 2, scene.baseline + 4)
+        draw["color"].rectangle(box, fill=1 + colors.index(b.color))
+        draw["char"].text(label_xy, b.label, fill=1 + CHARS.index(b.label), font=font, anchor="mt")
+        if b is tallest:
+            draw["tallest"].rectangle(box, fill=1)
+            draw["tallest"].text(label_xy, b.label, fill=1, font=font, anchor="mt")
+    return {name: np.asarray(m) for name, m in maps.items()}
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False) -> Path:

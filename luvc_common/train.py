@@ -35,8 +35,8 @@ from luvc_common.evaluate import TEST_SEED, VALIDATION_SEED, int_at_least, posit
 from luvc_common.media import Media, patchify
 from luvc_common.models.tiny import tiny_config
 from luvc_common.prompt import build_prompt_ids, chat_turn
-from luvc_common.synthvqa import (SIDES, TASKS, Example, QuestionSpec, answer_for, make_example, question_text, render,
-                                  scene_questions)
+from luvc_common.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, jitter_scene,
+                                  label_maps, make_example, question_text, random_look, render, scene_questions)
 from luvc_common.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
 
 
@@ -46,6 +46,16 @@ def _tasks(value: str) -> tuple[str, ...]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
     return tasks
+
+
+def _section(value: str) -> tuple[int, int, int]:
+    try:
+        section = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        section = ()
+    if len(section) != 3 or min(section) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers T,H,W, got {value!r}")
+    return section
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -68,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vision-depth", type=int, default=4)
     p.add_argument("--vision-dim", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--rope-theta", type=float, default=10.0,
+                   help="LLM rotary base; small, so that M-RoPE turns visibly per grid step (1e4 leaves columns indistinguishable)")
+    p.add_argument("--mrope-section", type=_section, default=(8, 12, 12), metavar="T,H,W",
+                   help="rotary frequencies of the temporal, height and width axes (sum: head_dim / 2)")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the dense per-visual-token loss (training only; the head is not exported; 0: off)")
+    p.add_argument("--augment", action="store_true", help="vary colours, background, object and text sizes and font (training only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
     p.add_argument("--init", default=None, help="warm start: model weights from another run's ckpt.pt (fresh optimizer and schedule)")
     p.add_argument("--export", default=None, help="write the final HF model directory here")
@@ -88,15 +105,37 @@ def image_processor(max_pixels: int) -> Qwen2VLImageProcessorPil:
 
 def build_model(args: argparse.Namespace, tokenizer) -> Qwen2VLForConditionalGeneration:
     config = tiny_config("qwen2_vl", tokenizer, text_layers=args.text_layers, vision_depth=args.vision_depth,
-                         hidden=args.hidden, vision_dim=args.vision_dim, init_range=0.02)
+                         hidden=args.hidden, vision_dim=args.vision_dim, init_range=0.02, rope_theta=args.rope_theta,
+                         mrope_section=args.mrope_section)
     torch.manual_seed(args.seed)
     return Qwen2VLForConditionalGeneration(config)
 
 
-def build_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norms."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+class VisionProbe(torch.nn.Module):
+    """Training-only linear head on the visual tokens that enter the LLM (the patch merger's output, caught by a
+    forward hook): per token, the classes of token_labels. Not part of the model, so never exported."""
+
+    def __init__(self, model: Qwen2VLForConditionalGeneration):
+        super().__init__()
+        self.sizes = [*LABEL_MAPS.values(), 2]
+        self.head = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.sizes))
+        self.tokens: Tensor | None = None
+        model.model.visual.merger.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output: Tensor) -> None:
+        self.tokens = output
+
+    def loss(self, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the label kinds, for the tokens of the last forward."""
+        logits = self.head(self.tokens.float()).split(self.sizes, dim=-1)
+        return torch.stack([F.cross_entropy(lg, labels[:, i].to(lg.device)) for i, lg in enumerate(logits)]).mean()
+
+
+def build_optimizer(model, args: argparse.Namespace, *extra: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over the model's (and extra modules') parameters; no weight decay on biases and norms."""
+    params = [p for m in (model, *extra) for p in m.parameters()]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
@@ -128,13 +167,41 @@ class Recipe:
     """Task families, taken in turn by example index."""
     side: int | None = None
     """Every image side x side; None: SynthVQA's varied sizes."""
+    augment: bool = False
+    """Draw each scene in a random look (synthvqa.random_look, jitter_scene); the answers do not change."""
+    dense: bool = False
+    """Also return token_labels, the targets of the VisionProbe."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     """The recipe of training step `step`: --curriculum ramps max_distractors from 0 to --max-distractors."""
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
-    return Recipe(args.questions, distractors, args.tasks, args.side)
+    return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0)
+
+
+MIN_COVER = 0.02
+"""Fraction of a token's cell a class must cover to label the token (thin digit strokes cover little)."""
+
+
+def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: int = 14) -> Tensor:
+    """Targets per merged visual token, in the merger's row-major order: for each of synthvqa.LABEL_MAPS the class
+    covering most of the token's (merge * patch)-pixel cell of the resized image (0 when none covers MIN_COVER
+    of it), then 1 when an object's centre lies in the cell."""
+    rows, cols = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
+    h, w = scene.height, scene.width
+    ys, xs = (((np.arange(n) + 0.5) * cells / n).astype(int) for n, cells in ((h, rows), (w, cols)))
+    cell = ys[:, None] * cols + xs[None, :]
+    min_pixels = MIN_COVER * h * w / (rows * cols)
+    out = []
+    for name, m in label_maps(scene, look).items():
+        k = LABEL_MAPS[name]
+        counts = np.bincount((cell * k + m).ravel(), minlength=rows * cols * k).reshape(rows * cols, k)
+        counts[:, 0] = 0
+        out.append(np.where(counts.max(1) >= min_pixels, counts.argmax(1), 0))
+    centre = np.zeros(rows * cols, dtype=np.int64)
+    centre[[cell[o.cy, o.cx] for o in scene.objects]] = 1
+    return torch.from_numpy(np.stack([*out, centre], 1))
 
 
 def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe = Recipe()) -> dict:
@@ -144,7 +211,11 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     ask other questions about the same image, so one vision forward trains several answers.
     """
     ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side)
-    pixels, grid = patchify([Media("image", [render(ex.scene)])], processor)
+    scene, look = ex.scene, Look()
+    if recipe.augment:
+        rng = np.random.Generator(np.random.PCG64([seed, index, 2]))
+        scene, look = jitter_scene(scene, rng), random_look(rng)
+    pixels, grid = patchify([Media("image", [render(scene, look)])], processor)
     n_tokens = int(grid.prod()) // processor.merge_size**2
     prompt = build_prompt_ids(tokenizer, ex.question, ["image"], [n_tokens], 1 << 20)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -158,7 +229,10 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
         ids += prompt_ids + answer_ids
         labels += [-100] * len(prompt_ids) + answer_ids
-    return dict(ids=ids, labels=labels, pixels=pixels, grid=grid, task=ex.task)
+    item = dict(ids=ids, labels=labels, pixels=pixels, grid=grid, task=ex.task)
+    if recipe.dense:
+        item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size)
+    return item
 
 
 def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Tensor]:
@@ -170,8 +244,11 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
     for i, it in enumerate(items):
         n = len(it["ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(it["ids"]), torch.tensor(it["labels"]), 1
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, mm_token_type_ids=(ids == image_token_id).int(),
-                pixel_values=torch.cat([it["pixels"] for it in items]), image_grid_thw=torch.cat([it["grid"] for it in items]))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, mm_token_type_ids=(ids == image_token_id).int(),
+                 pixel_values=torch.cat([it["pixels"] for it in items]), image_grid_thw=torch.cat([it["grid"] for it in items]))
+    if "aux_labels" in items[0]:
+        batch["aux_labels"] = torch.cat([it["aux_labels"] for it in items])
+    return batch
 
 
 def make_batch(seed: int, indices: range, tokenizer, processor, recipe: Recipe = Recipe()) -> tuple[dict[str, Tensor], list[str]]:
@@ -267,18 +344,21 @@ class Schedule:
         return self.lr * (self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int) -> None:
+def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int, probe: VisionProbe | None = None) -> None:
     """Atomic: written to a temporary file, then renamed over the old checkpoint."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=asdict(schedule), step=step,
+                 probe=probe.state_dict() if probe else None,
                  rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, schedule: Schedule) -> int:
+def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, probe: VisionProbe | None = None) -> int:
     state = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
     model.load_state_dict(state["model"])
+    if probe:
+        probe.load_state_dict(state["probe"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.elapsed = state["schedule"]["elapsed"]
     torch.set_rng_state(state["rng"]["torch"])
@@ -312,10 +392,11 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
     model = build_model(args, tokenizer).to(device)
-    optimizer = build_optimizer(model, args)
+    probe = VisionProbe(model).to(device) if args.aux_weight else None
+    optimizer = build_optimizer(model, args, *([probe] if probe else []))
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
-    step = load_checkpoint(ckpt, model, optimizer, schedule) if args.resume and ckpt.exists() else 0
+    step = load_checkpoint(ckpt, model, optimizer, schedule, probe) if args.resume and ckpt.exists() else 0
     if step == 0 and args.init:
         model.load_state_dict(torch.load(args.init, weights_only=False, map_location=device)["model"])
     n_params = sum(p.numel() for p in model.parameters())
@@ -336,7 +417,11 @@ def train(args: argparse.Namespace) -> dict:
                 group["lr"] = lr
             batch = next(batches)
             t_model = time.time()
-            loss = forward(model, batch, device).loss
+            aux_labels = batch.pop("aux_labels", None)
+            answer_loss = loss = forward(model, batch, device).loss
+            if probe:
+                aux_loss = probe.loss(aux_labels)
+                loss = answer_loss + args.aux_weight * aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -344,19 +429,21 @@ def train(args: argparse.Namespace) -> dict:
             step += 1
             now = time.time()
             schedule.elapsed, t_prev = schedule.elapsed + now - t_prev, now  # wall time: evaluation and checkpoints count
-            record = dict(step=step, loss=round(loss.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
+            record = dict(step=step, loss=round(answer_loss.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
                           data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(schedule.elapsed, 1))
             if args.eval_every and (step % args.eval_every == 0 or schedule.progress(step) >= 1):
                 acc, val_loss = evaluate(model, val, device)
                 record["val"], record["val_loss"] = ({k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss))
                 tqdm.write(f"step {step} val {record['val']}")
+            if probe:
+                record["aux_loss"] = round(aux_loss.item(), 4)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
             bar.update()
             done = schedule.progress(step) >= 1
             if now - last_ckpt > 60 * args.ckpt_minutes or done:
-                save_checkpoint(ckpt, model, optimizer, schedule, step)
+                save_checkpoint(ckpt, model, optimizer, schedule, step, probe)
                 last_ckpt = time.time()
     print(f"stopped at step {step}/{args.steps} after {schedule.elapsed / 60:.1f} min", flush=True)
     if args.export:

@@ -2,6 +2,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -10,9 +11,11 @@ from transformers import Qwen2VLForConditionalGeneration
 from luvc_common.cli import main
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.train import (Recipe, Schedule, add_arguments, build_model, build_optimizer, encode_example, evaluate, image_processor,
-                               load_checkpoint, make_batch, recipe_at, score, train)
-from luvc_common.synthvqa import answer_for, make_example, question_text, scene_questions
+from luvc_common.media import Media, patchify
+from luvc_common.train import (Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer, encode_example, evaluate,
+                               image_processor, load_checkpoint, make_batch, recipe_at, score, token_labels, train)
+from luvc_common.synthvqa import (ALT_COLORS, COLORS, Bar, Look, Scene, Shape, answer_for, jitter_scene, make_example, question_text,
+                                  random_look, render, scene_questions)
 from luvc_common.tokenizer import build_tokenizer
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
@@ -101,16 +104,18 @@ def test_bad_recipe_flags_are_rejected(flags, capsys):
     assert f"argument {flags[0]}" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("aux", [(), ("--aux-weight", "0.5", "--augment")], ids=["plain", "aux"])
+def test_resume_continues_exactly(tmp_path, aux):
     """4 steps in one go == 2 steps, then 2 more resumed (a constant LR after warm-up, so --steps can grow)."""
-    const = ("--min-lr-frac", "1")
+    const = ("--min-lr-frac", "1", *aux)
     train(args_for("--out", str(tmp_path / "a"), "--steps", "4", *const))
     train(args_for("--out", str(tmp_path / "b"), "--steps", "2", *const))
     saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     args = args_for("--steps", "4", *const)
     model = build_model(args, build_tokenizer())
-    opt = build_optimizer(model, args)
-    assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None)) == 2
+    probe = [VisionProbe(model)] if aux else []
+    opt = build_optimizer(model, args, *probe)
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), *probe) == 2
     for k, s in opt.state_dict()["state"].items():
         assert all(torch.equal(s[name], saved["optimizer"]["state"][k][name]) for name in ("exp_avg", "exp_avg_sq", "step"))
     train(args_for("--out", str(tmp_path / "b"), "--steps", "4", "--resume", *const))
@@ -123,6 +128,64 @@ def test_resume_continues_exactly(tmp_path):
             assert torch.equal(s[name], b["optimizer"]["state"][k][name]), (k, name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_token_labels_line_up_with_the_merged_token_grid():
+    """A 336x224 scene resized to 224 x 140 px (8 x 5 merged tokens of 28 px): each label sits where the object is."""
+    scene = Scene(336, 224, (240, 240, 240), objects=(Shape("square", "blue", 80, 67, 20), Shape("circle", "red", 250, 170, 15)))
+    _, grid = patchify([Media("image", [render(scene)])], image_processor(224 * 168))
+    assert grid.tolist() == [[1, 10, 16]]
+    color, shape, char, tallest, centre = (token_labels(scene, Look(), grid)[:, i].reshape(5, 8) for i in range(5))
+    blue, red = 1 + list(COLORS).index("blue"), 1 + list(COLORS).index("red")
+    expected = torch.zeros(5, 8, dtype=torch.long)
+    expected[1, 1:3] = blue  # the square: x 60-100, y 47-87 px, resized to x 40-67, y 29-54
+    expected[3:5, 5:7] = red  # the circle: x 235-265, y 155-185 px, resized to x 157-177, y 97-116
+    assert torch.equal(color, expected)
+    assert torch.equal(shape, (expected == blue) * 2 + (expected == red) * 1)  # square 2, circle 1
+    assert centre.nonzero().tolist() == [[1, 1], [3, 5]]
+    assert not char.any() and not tallest.any()
+    chart = Scene(224, 224, (240, 240, 240), font_size=16, baseline=180,
+                  bars=(Bar("A", 20, 60, 50, "red"), Bar("B", 120, 200, 150, "green")))
+    _, _, char, tallest, _ = (token_labels(chart, Look(), torch.tensor([[1, 16, 16]]))[:, i].reshape(8, 8) for i in range(5))
+    assert tallest[1:7, 4:8].all() and not tallest[:, :4].any()  # bar B (x 120-200, y 30-180) and its label below
+    assert char[6, 5] == 10 + 2  # the letter B, after the ten digits, in its cell
+
+
+def test_the_vision_probe_trains_but_is_not_exported(tmp_path):
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "2", "--aux-weight", "1", "--export", str(out)))
+    assert "aux_loss" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["probe"]["head.weight"].shape[0] == 7 + 4 + 17 + 2 + 2
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any(k.split(".")[0] in ("head", "probe") for k in f.keys())
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)  # a stock model
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+
+
+def test_rope_flags_reach_the_exported_config():
+    config = build_model(args_for("--rope-theta", "10", "--mrope-section", "4,14,14"), build_tokenizer()).config.text_config
+    assert config.rope_parameters["rope_theta"] == 10.0 and config.rope_parameters["mrope_section"] == [4, 14, 14]
+
+
+def test_augmentation_is_for_training_only():
+    """The held-out splits (and every Recipe() batch) are drawn in the default look; --augment changes training pixels only."""
+    tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
+    assert recipe_at(args_for(), 0).augment is False and recipe_at(args_for("--augment"), 0).augment is True
+    for seed in (2000, 3000):
+        ex = make_example(seed, 0)
+        plain = encode_example(seed, 0, tokenizer, processor)["pixels"]
+        assert torch.equal(plain, patchify([Media("image", [render(ex.scene)])], processor)[0])
+    assert Look().palette == COLORS and Look().font is None
+    plain, varied = (encode_example(1000, 0, tokenizer, processor, Recipe(augment=a)) for a in (False, True))
+    assert varied["ids"] == plain["ids"] and not torch.equal(varied["pixels"], plain["pixels"])
+    rng = np.random.default_rng(0)
+    scene = make_example(1000, 3).scene  # position: jittering keeps every answer
+    for _ in range(5):
+        assert [answer_for(jitter_scene(scene, rng), s) for s in scene_questions(scene)] == [answer_for(scene, s) for s in scene_questions(scene)]
+        look = random_look(rng)  # each colour stays nearest to its own name's renderings
+        anchors = [(name, rgb) for palette in (COLORS, ALT_COLORS) for name, rgb in palette.items()]
+        for name, rgb in look.palette.items():
+            assert min(anchors, key=lambda a: sum((x - y) ** 2 for x, y in zip(a[1], rgb)))[0] == name
 
 
 def test_loader_workers_give_the_same_run(tmp_path):

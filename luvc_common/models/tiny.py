@@ -22,15 +22,17 @@ FAMILIES = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration), "qwen2
 
 
 def tiny_config(family: str, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256,
-                vision_dim: int = 128, init_range: float = 0.1, text_overrides: dict | None = None,
+                vision_dim: int = 128, init_range: float = 0.1, rope_theta: float = 10000.0,
+                mrope_section: tuple[int, int, int] = (8, 12, 12), text_overrides: dict | None = None,
                 vision_overrides: dict | None = None):
     """Config of a ~4M-parameter model (defaults): vision vision_dim x vision_depth, LLM hidden x text_layers;
-    the overrides replace text / vision config fields (e.g. a real model's shape)."""
+    rope_theta and mrope_section (temporal, height, width rotary frequencies, summing to head_dim / 2) set the
+    LLM's M-RoPE; the overrides replace text / vision config fields (e.g. a real model's shape)."""
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=init_range,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": list(mrope_section)},
         bos_token_id=ids(PAD), eos_token_id=ids(IM_END), pad_token_id=ids(PAD),
     )
     vision = dict(depth=vision_depth, num_heads=4, initializer_range=init_range, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
