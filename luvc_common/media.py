@@ -60,7 +60,7 @@ def _open(data: bytes, name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise MediaError(f"{name}: unreadable image (not one of {', '.join(IMAGE_FORMATS)}, or corrupt)") from None
     except Image.DecompressionBombError:
-        raise MediaError(f"{name}: image header claims a decompression-bomb size") from None
+        raise MediaError(f"{name}: image header claims too many pixels (a decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"{name}: unreadable image ({str(e)[:200]})") from None
 

@@ -29,6 +29,9 @@ def test_compose_file_is_valid_and_wired():
         assert any(v["target"] == "/models/default" for v in service["volumes"])
         assert "deploy" not in service  # no GPU reservation: a CPU-only host can start it
     assert "--ray" in llm["command"] and llm["shm_size"] and llm["environment"]["RAY_TMPDIR"]
+    from luvc_common.config import Limits
+    for service in (encoder, llm):  # every limit reaches both services (the CLI reads LUVC_MAX_*)
+        assert {f"LUVC_{name.upper()}" for name in Limits.__dataclass_fields__} <= set(service["environment"])
     assert {p["published"] for s in (encoder, llm) for p in s["ports"]} == {"50051", "50052"}
 
 
@@ -53,6 +56,27 @@ def test_ray_serve_config_matches_rays_schema_and_imports():
         assert callable(import_attr(app.import_path.replace(":", ".")))
         (deployment,) = app.deployments
         assert deployment.autoscaling_config["max_replicas"] > deployment.autoscaling_config["min_replicas"]
+    from luvc_common.ray_serve import _configs
+    from encoder_service.service import EncoderConfig
+    from llm_service.service import LLMConfig
+    encoder_args, llm_args = (app.args for app in schema.applications)
+    assert _configs(encoder_args, EncoderConfig)[0].limits.max_vit_patches == encoder_args["max_vit_patches"]
+    config, server = _configs(llm_args, LLMConfig)
+    assert (config.encoder, config.limits.max_prompt_tokens, server.max_queue) == ("127.0.0.1:9000", 32768, 32)
+
+
+def test_ray_builders_refuse_unknown_args_and_take_tokens_from_the_environment(monkeypatch):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from luvc_common.errors import ConfigError
+    from luvc_common.ray_serve import _configs
+    from llm_service.service import LLMConfig
+
+    with pytest.raises(ConfigError, match="max_promt_tokens"):
+        _configs({"encoder": "e:1", "max_promt_tokens": 10}, LLMConfig)
+    monkeypatch.setenv("LUVC_AUTH_TOKEN", "a")
+    monkeypatch.setenv("LUVC_ENCODER_TOKEN", "b")
+    config, server = _configs({"encoder": "e:1", "max_media": "2"}, LLMConfig)
+    assert (server.auth_token, config.encoder_token, config.limits.max_media) == ("a", "b", 2)
 
 
 def test_dockerfile_uses_the_makefile_torch_pin():

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed")  # ins
 from ray import serve  # noqa: E402
 
 import conftest  # noqa: E402
-from luvc_common.client import LUVCClient, image_file  # noqa: E402
+from luvc_common.client import ClientOptions, LUVCClient, image_file  # noqa: E402
 from luvc_common.config import method_config  # noqa: E402
 from luvc_common.launch import Service, free_port  # noqa: E402
 from luvc_common.models.loading import ModelConfig  # noqa: E402
@@ -21,18 +21,19 @@ from luvc_common.ray_serve import SERVICER_FUNCTIONS, llm_app  # noqa: E402
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"
+ENCODER_TOKEN = "enc-secret"
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_qwen2vl, tmp_path_factory):
-    service = Service(["encoder", "--model", tiny_qwen2vl], tmp_path_factory.mktemp("logs") / "encoder.log").start()
+    service = Service(["encoder", "--model", tiny_qwen2vl, "--auth-token", ENCODER_TOKEN], tmp_path_factory.mktemp("logs") / "encoder.log").start()
     yield service
     service.stop()
 
 
-def _generate_until_ready(target: str, timeout: float = 180.0, **kwargs):
+def _generate_until_ready(target: str, timeout: float = 180.0, token: str | None = None, **kwargs):
     end = time.monotonic() + timeout
-    with LUVCClient(target) as client:
+    with LUVCClient(target, ClientOptions(token=token)) as client:
         while True:
             try:
                 return client.generate(PROMPT, [image_file(DEMO)], timeout=60, **kwargs)
@@ -55,21 +56,28 @@ def _ray_processes(temp_dir: str) -> list[psutil.Process]:
 
 
 def test_cli_ray_deploy_answers_like_in_process_and_shuts_down_clean(encoder, tiny_qwen2vl, tmp_path_factory, demo_image):
+    """`luvc serve llm --ray` with the flags docker-compose uses: a token on the public port and
+    another one sent to the encoder (which refuses requests without it)."""
     temp_dir = str(tmp_path_factory.mktemp("ray"))
-    llm = Service(["llm", "--ray", "--model", tiny_qwen2vl, "--encoder", encoder.target], tmp_path_factory.mktemp("l") / "llm.log",
-                  env={"RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""})  # "" = start a local instance
+    llm = Service(["llm", "--ray", "--model", tiny_qwen2vl, "--encoder", encoder.target, "--auth-token", "llm-secret",
+                   "--encoder-token", ENCODER_TOKEN, "--max-new-tokens", "16"],
+                  tmp_path_factory.mktemp("l") / "llm.log", env={"RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""})  # "" = start a local instance
     llm.start(wait=False)
     try:
         local = Pipeline(ModelConfig(tiny_qwen2vl)).generate([demo_image], PROMPT, method_config("luvc"), 8)
         for method in ("luvc", "none"):
-            remote = _generate_until_ready(llm.target, method=method, max_new_tokens=8, wire_dtype="FP32")
+            remote = _generate_until_ready(llm.target, token="llm-secret", method=method, max_new_tokens=8, wire_dtype="FP32")
             if method == "luvc":
                 assert list(remote.token_ids) == local.token_ids and list(remote.llm_per_layer) == local.visual_tokens["llm_per_layer"]
             assert remote.encoder_out > 0
-        with LUVCClient(llm.target) as client:  # errors keep their status code through Ray's proxy
-            with pytest.raises(grpc.RpcError) as info:
-                client.generate(" ", [image_file(DEMO)], timeout=30)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for token, prompt, max_new, expected in [(None, PROMPT, 4, grpc.StatusCode.UNAUTHENTICATED),
+                                                 ("wrong", PROMPT, 4, grpc.StatusCode.UNAUTHENTICATED),
+                                                 ("llm-secret", " ", 4, grpc.StatusCode.INVALID_ARGUMENT),
+                                                 ("llm-secret", PROMPT, 17, grpc.StatusCode.INVALID_ARGUMENT)]:  # --max-new-tokens 16
+            with LUVCClient(llm.target, ClientOptions(token=token)) as client:  # errors keep their status code through Ray's proxy
+                with pytest.raises(grpc.RpcError) as info:
+                    client.generate(prompt, [image_file(DEMO)], max_new_tokens=max_new, timeout=30)
+                assert info.value.code() == expected, (token, prompt, info.value.details())
         assert _ray_processes(temp_dir), "expected Ray processes under RAY_TMPDIR while serving"
     finally:
         t0 = time.monotonic()
@@ -104,7 +112,7 @@ def test_autoscaling_and_replica_replacement(encoder, tiny_qwen2vl, tmp_path_fac
     try:
         port = free_port()
         serve.start(http_options={"port": free_port()}, grpc_options={"port": port, "grpc_servicer_functions": SERVICER_FUNCTIONS})
-        app = llm_app({"encoder": encoder.target, "model": tiny_qwen2vl, "num_cpus": 0.25, "max_replicas": 3,
+        app = llm_app({"encoder": encoder.target, "encoder_token": ENCODER_TOKEN, "model": tiny_qwen2vl, "num_cpus": 0.25, "max_replicas": 3,
                        "target_ongoing_requests": 1, "upscale_delay_s": 1.0, "downscale_delay_s": 4.0})
         serve.run(app, name="llm", route_prefix="/llm")
         target = f"127.0.0.1:{port}"

@@ -183,6 +183,13 @@ def test_sixteen_concurrent_clients_are_all_answered(stack, client):
     assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=60).encoder_out > 0
 
 
+def _wait_health(target: str, status: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while (now := health(target)) != status:
+        assert time.monotonic() < end, f"{target} still {now}, expected {status}"
+        time.sleep(0.2)
+
+
 def test_encoder_down_gives_unavailable_then_recovers(stack, client):
     encoder, llm = stack
     encoder.stop(signal.SIGKILL)
@@ -191,7 +198,9 @@ def test_encoder_down_gives_unavailable_then_recovers(stack, client):
     assert code == grpc.StatusCode.UNAVAILABLE and "encoder" in details and time.monotonic() - t0 < 10
     # text-only requests do not need the encoder and keep working
     assert client.generate("say something", [], max_new_tokens=2, timeout=30).encoder_out == 0
+    _wait_health(llm.target, "NOT_SERVING")  # the LLM's health follows its encoder
     encoder.start()
+    _wait_health(llm.target, "SERVING")
     end = time.monotonic() + 30
     while True:  # the LLM's channel reconnects on its own; no LLM restart
         try:
