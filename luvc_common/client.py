@@ -79,9 +79,10 @@ class LUVCClient:
             raise RuntimeError("stream ended without stats")
         return stats
 
-    def encode(self, media: list[luvc_pb2.Media], method: str = "", wire_dtype: str = "", timeout: float | None = None) -> luvc_pb2.EncodeResponse:
+    def encode(self, media: list[luvc_pb2.Media], method: str = "", wire_dtype: str = "", timeout: float | None = None,
+               request_id: str | None = None) -> luvc_pb2.EncodeResponse:
         request = luvc_pb2.EncodeRequest(media=list(media), method=method, wire_dtype=wire_dtype)
-        return self.encoder.Encode(request, timeout=timeout, metadata=self._metadata(None, "encoder"))
+        return self.encoder.Encode(request, timeout=timeout, metadata=self._metadata(request_id, "encoder"))
 
     def close(self) -> None:
         self.channel.close()

@@ -172,6 +172,18 @@ def test_cancel_stops_the_work_and_leaves_a_log_line(stack, client):
     assert not any('"generated"' in line for line in mine)  # it stopped instead of finishing
 
 
+def test_encoder_stops_at_the_deadline_and_frees_its_slot(stack):
+    encoder = stack[0]
+    with LUVCClient(encoder.target) as c:
+        with pytest.raises(grpc.RpcError) as info:
+            c.encode([_frames(64, 448)], timeout=0.5, request_id="too-slow")
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert c.encode([image_file(DEMO)], timeout=DEADLINE_S).media[0].num_tokens > 0  # after the abandoned work stopped
+    mine = [line for line in encoder.log().splitlines() if '"too-slow"' in line]
+    assert any('"request abandoned"' in line and '"DEADLINE_EXCEEDED"' in line for line in mine), mine
+    assert not any('"encoded"' in line for line in mine)
+
+
 def test_concurrent_requests_of_every_method_return_what_they_return_alone(client):
     methods = ["none", "luvc", "fastv:keep=0.5", "dart:keep=0.5", "tome:keep=0.5", "random:keep=0.5", "visionzip:keep=0.5", "pool"]
     jobs = [(m, p) for m in methods for p in (PROMPT, "What shape is the red object?")]
