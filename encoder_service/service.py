@@ -8,12 +8,12 @@ from PIL import Image
 
 from luvc_common.config import Limits, method_config
 from luvc_common.media import Media
-from luvc_common.messages import encoded_to_proto, media_files_from_proto
+from luvc_common.serving.messages import encoded_to_proto, media_files_from_proto
 from luvc_common.models.loading import ModelConfig
-from luvc_common.pipeline import VisionEncoder
+from luvc_common.engine.pipeline import VisionEncoder
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import Call, Gate, ServerConfig, ServicerBase, get_logger, log
-from luvc_common.wire import wire_dtype
+from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServicerBase, get_logger, log
+from luvc_common.serving.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 

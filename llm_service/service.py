@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from luvc_common.config import Limits, method_config
-from luvc_common.messages import encoded_from_proto, uncompressed_payload_bytes
+from luvc_common.config import REQUEST_ID, Limits, method_config
+from luvc_common.serving.messages import encoded_from_proto, uncompressed_payload_bytes
 from luvc_common.models.loading import ModelConfig
-from luvc_common.pipeline import EncodedMedia, GenerateResult, TextGenerator
+from luvc_common.engine.pipeline import EncodedMedia, GenerateResult, TextGenerator
 from luvc_common.errors import PromptError, shorten
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-from luvc_common.serving import REQUEST_ID, Call, Gate, ServerConfig, ServiceError, ServicerBase, get_logger, log
-from luvc_common.wire import wire_dtype
+from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServiceError, ServicerBase, get_logger, log
+from luvc_common.serving.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
 

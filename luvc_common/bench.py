@@ -84,7 +84,7 @@ def _bench_image(size: int) -> bytes:
 
 
 def _one(client, engine, hidden: int, limits, media, prompt_for, cfg: CompressionConfig, spec: str, wire: str, decode_tokens: int) -> dict:
-    from luvc_common.messages import encoded_from_proto
+    from luvc_common.serving.messages import encoded_from_proto
     from luvc_common.models.qwen_language import Request
 
     t0 = time.perf_counter()
@@ -117,8 +117,8 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
 
     from luvc_common.client import LUVCClient
     from luvc_common.config import Limits
-    from luvc_common.flops import flops_ratio, with_matched_budget
-    from luvc_common.launch import Service
+    from luvc_common.compression.flops import flops_ratio, with_matched_budget
+    from luvc_common.serving.launch import Service
     from luvc_common.models.loading import ModelConfig, load_model, load_tokenizer
     from luvc_common.models.qwen_language import LanguageEngine
     from luvc_common.prompt import build_prompt_ids

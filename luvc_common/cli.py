@@ -39,7 +39,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from luvc_common.media import load_image, load_video_dir
     from luvc_common.models.loading import ModelConfig
-    from luvc_common.pipeline import Pipeline
+    from luvc_common.engine.pipeline import Pipeline
 
     limits = Limits()
     media = [load_image(p, limits) for p in args.image] + ([load_video_dir(args.video, limits)] if args.video else [])
@@ -60,7 +60,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace):
-    from luvc_common.serving import MiB, ServerConfig
+    from luvc_common.config import MiB
+    from luvc_common.serving.runtime import ServerConfig
 
     return ServerConfig(
         host=args.host, port=args.port, max_message_bytes=args.max_message_mb * MiB, max_queue=args.max_queue,
@@ -88,7 +89,7 @@ def cmd_serve_llm(args: argparse.Namespace) -> int:
         default_wire_dtype=args.wire_dtype, encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
     )
     if args.ray:
-        from luvc_common.ray_serve import run_llm_on_ray
+        from llm_service.ray_app import run_llm_on_ray
 
         run_llm_on_ray(config, _server_config(args))
     else:
@@ -147,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from luvc_common.launch import Service
+    from luvc_common.serving.launch import Service
 
     logs = Path(tempfile.mkdtemp(prefix="luvc-demo-"))
     encoder = Service(["encoder", "--model", args.model], logs / "encoder.log")

@@ -18,6 +18,9 @@ from typing import Any
 from luvc_common.errors import ConfigError, MediaError, shorten
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "luvc-tiny-qwen2vl"
+MiB = 1 << 20
+REQUEST_ID = "x-request-id"
+"""gRPC metadata key of the request id that crosses the encoder hop and tags every log line."""
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 """Files read as video frames from a directory."""
 

@@ -107,9 +107,9 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from luvc_common.flops import prefill_flops, uncompressed_tokens_per_layer
+    from luvc_common.compression.flops import prefill_flops, uncompressed_tokens_per_layer
     from luvc_common.models.loading import ModelConfig
-    from luvc_common.pipeline import Pipeline
+    from luvc_common.engine.pipeline import Pipeline
 
     examples = list(examples)[:limit]
     if not examples:
@@ -181,7 +181,7 @@ def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequ
     report = evaluate(model_dir, examples[:probe], {"ref": reference}, progress=False, max_new_tokens=1)
     from transformers import AutoConfig
 
-    from luvc_common.flops import with_matched_budget
+    from luvc_common.compression.flops import with_matched_budget
 
     ref = next(r for r in report["results"] if r["method"] == "ref")
     text_config, layers = AutoConfig.from_pretrained(model_dir).text_config, len(ref["visual_tokens_per_layer"])

@@ -8,11 +8,11 @@ import conftest
 from luvc_common.compression import baselines as B
 from luvc_common.config import BASELINES, LLM_BASELINES, VISION_BASELINES, method_config, method_spec
 from luvc_common.errors import ConfigError
-from luvc_common.flops import flops_ratio, matched_keep_ratio
+from luvc_common.compression.flops import flops_ratio, matched_keep_ratio
 from luvc_common.models.loading import ModelConfig
 from luvc_common.models.tiny import save_random_checkpoint, tiny_config
 from luvc_common.models.qwen_language import Request
-from luvc_common.pipeline import Pipeline
+from luvc_common.engine.pipeline import Pipeline
 from luvc_common.tokenizer import build_tokenizer
 
 PROMPT = "What color is the circle?"

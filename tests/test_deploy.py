@@ -56,26 +56,26 @@ def test_ray_serve_config_matches_rays_schema_and_imports():
         assert callable(import_attr(app.import_path.replace(":", ".")))
         (deployment,) = app.deployments
         assert deployment.autoscaling_config["max_replicas"] > deployment.autoscaling_config["min_replicas"]
-    from luvc_common.ray_serve import _configs
+    from luvc_common.serving.ray import configs_from_args
     from encoder_service.service import EncoderConfig
     from llm_service.service import LLMConfig
     encoder_args, llm_args = (app.args for app in schema.applications)
-    assert _configs(encoder_args, EncoderConfig)[0].limits.max_vit_patches == encoder_args["max_vit_patches"]
-    config, server = _configs(llm_args, LLMConfig)
+    assert configs_from_args(encoder_args, EncoderConfig)[0].limits.max_vit_patches == encoder_args["max_vit_patches"]
+    config, server = configs_from_args(llm_args, LLMConfig)
     assert (config.encoder, config.limits.max_prompt_tokens, server.max_queue) == ("127.0.0.1:9000", 32768, 32)
 
 
 def test_ray_builders_refuse_unknown_args_and_take_tokens_from_the_environment(monkeypatch):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from luvc_common.errors import ConfigError
-    from luvc_common.ray_serve import _configs
+    from luvc_common.serving.ray import configs_from_args
     from llm_service.service import LLMConfig
 
     with pytest.raises(ConfigError, match="max_promt_tokens"):
-        _configs({"encoder": "e:1", "max_promt_tokens": 10}, LLMConfig)
+        configs_from_args({"encoder": "e:1", "max_promt_tokens": 10}, LLMConfig)
     monkeypatch.setenv("LUVC_AUTH_TOKEN", "a")
     monkeypatch.setenv("LUVC_ENCODER_TOKEN", "b")
-    config, server = _configs({"encoder": "e:1", "max_media": "2"}, LLMConfig)
+    config, server = configs_from_args({"encoder": "e:1", "max_media": "2"}, LLMConfig)
     assert (server.auth_token, config.encoder_token, config.limits.max_media) == ("a", "b", 2)
 
 

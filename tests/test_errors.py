@@ -12,7 +12,7 @@ from luvc_common.errors import MediaError, ModelLoadError, PromptError
 from luvc_common.media import decode_image, load_image, load_video_dir
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_language import Request
-from luvc_common.pipeline import Pipeline
+from luvc_common.engine.pipeline import Pipeline
 
 
 def _png(w, h) -> bytes:

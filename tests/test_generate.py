@@ -13,7 +13,7 @@ from luvc_common.config import Limits, method_config
 from luvc_common.media import Media, decode_image, patchify
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_language import Request
-from luvc_common.pipeline import Pipeline
+from luvc_common.engine.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ good request answered right after.
 import io
 import math
 import struct
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +21,9 @@ from PIL import Image
 
 import conftest
 from luvc_common.client import ClientOptions, LUVCClient, check_health, image_file
-from luvc_common.launch import Service
+from luvc_common.serving.launch import Service
 from luvc_common.proto import luvc_pb2
-from luvc_common.wire import to_wire
+from luvc_common.serving.wire import to_wire
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"
@@ -162,11 +164,25 @@ def test_memory_stays_bounded(stack):
 
 
 def test_cancel_stops_the_work_and_leaves_a_log_line(stack, client):
+    """A cancel that arrives during a long prefill (a 16k-token prompt) ends the request at the first
+    decode step: it leaves an `abandoned` line and never a `generated` one, though 1,000 tokens were asked."""
     llm = stack[1]
-    stream = client.stream(PROMPT, [image_file(DEMO)], max_new_tokens=1000, timeout=DEADLINE_S, request_id="cancel-me")
-    next(stream)  # generation has started
+    stream = client.stream("?" * 16000, [], max_new_tokens=1000, timeout=120, request_id="cancel-me")
+    codes = []
+
+    def consume():
+        try:
+            list(stream)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    time.sleep(1.0)  # the prompt has arrived; its prefill takes several seconds more
     stream.cancel()
-    assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=DEADLINE_S).encoder_out > 0
+    consumer.join(DEADLINE_S)
+    assert codes == [grpc.StatusCode.CANCELLED]
+    assert client.generate(PROMPT, [image_file(DEMO)], max_new_tokens=2, timeout=120).encoder_out > 0
     mine = [line for line in llm.log().splitlines() if '"cancel-me"' in line]
     assert any('"request abandoned"' in line and '"CANCELLED"' in line for line in mine), mine
     assert not any('"generated"' in line for line in mine)  # it stopped instead of finishing

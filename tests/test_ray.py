@@ -14,10 +14,11 @@ from ray import serve  # noqa: E402
 import conftest  # noqa: E402
 from luvc_common.client import ClientOptions, LUVCClient, image_file  # noqa: E402
 from luvc_common.config import method_config  # noqa: E402
-from luvc_common.launch import Service, free_port  # noqa: E402
+from luvc_common.serving.launch import Service, free_port  # noqa: E402
 from luvc_common.models.loading import ModelConfig  # noqa: E402
-from luvc_common.pipeline import Pipeline  # noqa: E402
-from luvc_common.ray_serve import SERVICER_FUNCTIONS, llm_app  # noqa: E402
+from luvc_common.engine.pipeline import Pipeline  # noqa: E402
+from llm_service.ray_app import llm_app  # noqa: E402
+from luvc_common.serving.ray import SERVICER_FUNCTIONS  # noqa: E402
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"

@@ -15,11 +15,11 @@ import conftest
 from luvc_common.client import ClientOptions, LUVCClient, image_file, video_dir
 from luvc_common.config import method_config
 from luvc_common.models.loading import ModelConfig
-from luvc_common.pipeline import Pipeline
+from luvc_common.engine.pipeline import Pipeline
 from luvc_common.proto import luvc_pb2
-from luvc_common.wire import to_wire
+from luvc_common.serving.wire import to_wire
 from luvc_common.client import check_health as health
-from luvc_common.launch import Service
+from luvc_common.serving.launch import Service
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"

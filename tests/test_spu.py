@@ -15,7 +15,7 @@ from luvc_common.compression.spu import (
 from luvc_common.config import SPUConfig, method_config
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig
-from luvc_common.pipeline import Pipeline
+from luvc_common.engine.pipeline import Pipeline
 
 
 def test_lowpass_keeps_smooth_and_removes_checkerboard():

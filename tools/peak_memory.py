@@ -15,12 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import psutil
 from PIL import Image
 
 from luvc_common.client import LUVCClient
 from luvc_common.config import DEFAULT_MODEL, Limits
-from luvc_common.launch import Service
+from luvc_common.serving.launch import Service
 from luvc_common.proto import luvc_pb2
 
 
@@ -73,8 +74,8 @@ def main() -> None:
                     try:
                         stats = client.generate(prompt, media, method="none", max_new_tokens=4, timeout=1800)
                         outcome = f"OK, {len(stats.prompt_ids)} prompt tokens"
-                    except Exception as e:  # noqa: BLE001 - report what the service answered
-                        outcome = f"{getattr(e, 'code', lambda: type(e).__name__)()}: {getattr(e, 'details', lambda: str(e))()}"
+                    except grpc.RpcError as e:  # report what the service answered
+                        outcome = f"{e.code().name}: {e.details()}"
                     seconds = time.perf_counter() - t0
                 print(f"{name}: {outcome}; {seconds:.1f} s; peak RSS encoder {enc.peak / 2**20:.0f} MiB, LLM {lm.peak / 2**20:.0f} MiB", flush=True)
     finally:

@@ -7,10 +7,10 @@ import math
 
 from luvc_common.config import Limits
 from luvc_common.media import MediaFiles, check_request_pixels, probe_image
-from luvc_common.pipeline import EncodedMedia
+from luvc_common.engine.pipeline import EncodedMedia
 from luvc_common.proto import luvc_pb2
 from luvc_common.errors import MediaError, WireError, shorten
-from luvc_common.wire import WIRE_DTYPES, TensorSchema, from_wire, to_wire
+from luvc_common.serving.wire import WIRE_DTYPES, TensorSchema, from_wire, to_wire
 
 
 def media_files_from_proto(items, limits: Limits) -> list[MediaFiles]:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from luvc_common.client import MiB, REQUEST_ID
+from luvc_common.config import REQUEST_ID, MiB
 from luvc_common.errors import ConfigError, UserError, shorten
 
 

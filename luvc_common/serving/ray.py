@@ -1,7 +1,8 @@
-"""The services as Ray Serve applications behind Ray's native gRPC proxy (needs the `ray` extra).
+"""What a service needs to run as a Ray Serve application behind Ray's native gRPC proxy (the `ray`
+extra): deployment options, configs from a builder's args, and a run loop for `luvc serve ... --ray`.
 
-The deployments are the very servicer classes the plain gRPC servers use (LLMServicer,
-EncoderServicer); Ray adds replicas, autoscaling and placement. Application builders take the
+The deployments are the very servicer classes the plain gRPC servers use; each service package
+has its builder (`encoder_service.ray_app:encoder_app`, `llm_service.ray_app:llm_app`), taking the
 same `args` from Python, from `serve run module:builder key=value`, or from deploy/ray/serve.yaml.
 """
 from __future__ import annotations
@@ -11,17 +12,16 @@ import signal
 import threading
 import time
 from dataclasses import fields
+from typing import Callable
 
 import ray
 from ray import serve
 
-from encoder_service.service import EncoderConfig, EncoderServicer
-from llm_service.service import LLMConfig, LLMServicer
 from luvc_common.config import DEFAULT_MODEL, Limits, from_args
 from luvc_common.errors import ConfigError
-from luvc_common.launch import free_port
 from luvc_common.models.loading import ModelConfig
-from luvc_common.serving import ServerConfig, get_logger, log
+from luvc_common.serving.launch import free_port
+from luvc_common.serving.runtime import ServerConfig, get_logger, log
 
 SERVICER_FUNCTIONS = [
     "luvc_common.proto.luvc_pb2_grpc.add_LLMServicer_to_server",
@@ -35,6 +35,8 @@ AUTOSCALING = {
     "downscale_delay_s": 60.0,
 }
 """Defaults; override per deployment in serve.yaml or with builder args."""
+DEPLOYMENT_ARGS = {"num_gpus", "num_cpus", "max_ongoing_requests", *AUTOSCALING}
+"""Builder args that shape the deployment rather than the service."""
 
 
 def actor_options(args: dict) -> dict:
@@ -45,27 +47,24 @@ def actor_options(args: dict) -> dict:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) > 0 else {"num_cpus": 0.25}
 
 
-def _autoscaling(args: dict) -> dict:
-    return {**AUTOSCALING, **{k: type(v)(args[k]) for k, v in AUTOSCALING.items() if k in args}}
-
-
-def _deployment(servicer, name: str, args: dict, server: ServerConfig):
+def deployment(servicer, name: str, args: dict, server: ServerConfig):
+    """`servicer` as an autoscaled deployment: each replica's own queue is server.max_queue (Ray lets
+    one more than that in, so the replica answers RESOURCE_EXHAUSTED itself), and server.grace_s is
+    Ray's graceful shutdown timeout."""
+    autoscaling = {**AUTOSCALING, **{k: type(v)(args[k]) for k, v in AUTOSCALING.items() if k in args}}
     return serve.deployment(
         servicer,
         name=name,
-        autoscaling_config=_autoscaling(args),
+        autoscaling_config=autoscaling,
         ray_actor_options=actor_options(args),
         max_ongoing_requests=int(args.get("max_ongoing_requests", server.max_queue + 1)),
         graceful_shutdown_timeout_s=server.grace_s,
     )
 
 
-DEPLOYMENT_ARGS = {"num_gpus", "num_cpus", "max_ongoing_requests", *AUTOSCALING}
-
-
-def _configs(args: dict, service_config: type, **fixed):
+def configs_from_args(args: dict, service_config: type):
     """(service config, ServerConfig) from a builder's args: the service config's fields (limits
-    fields flattened in), ServerConfig's auth_token and max_queue / grace_s, and the deployment knobs.
+    fields flattened in), ServerConfig's auth_token, max_queue and grace_s, and the deployment args.
     Tokens default to LUVC_AUTH_TOKEN / LUVC_ENCODER_TOKEN from the environment. Unknown keys are
     an error, so a misspelt limit is never silently dropped."""
     service_keys = {f.name for f in fields(service_config)} - {"model", "limits"}
@@ -76,35 +75,14 @@ def _configs(args: dict, service_config: type, **fixed):
     env = {"auth_token": os.environ.get("LUVC_AUTH_TOKEN"), "encoder_token": os.environ.get("LUVC_ENCODER_TOKEN")}
     args = {**{k: v for k, v in env.items() if v}, **args}
     model = ModelConfig(args.get("model", str(DEFAULT_MODEL)))
-    config = from_args(service_config, {k: v for k, v in args.items() if k in service_keys}, model=model,
-                       limits=from_args(Limits, args), **fixed)
+    config = from_args(service_config, {k: v for k, v in args.items() if k in service_keys}, model=model, limits=from_args(Limits, args))
     return config, from_args(ServerConfig, {k: args[k] for k in ("auth_token", "max_queue", "grace_s") if k in args})
 
 
-def llm_app(args: dict, config: LLMConfig | None = None, server: ServerConfig | None = None):
-    """Builder: args encoder (host:port, required), model, encoder_application, encoder_token,
-    encoder_tls_ca, default_method, any Limits field, auth_token, max_queue, grace_s, and autoscaling /
-    actor overrides (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,
-    downscale_delay_s, num_gpus, num_cpus, max_ongoing_requests). `luvc serve llm --ray` passes its
-    own config objects instead of the config args."""
-    if config is None:
-        if "encoder" not in args:
-            raise ConfigError("llm_app needs an `encoder` arg (host:port of the encoder)")
-        config, server = _configs(args, LLMConfig)
-    return _deployment(LLMServicer, "llm", args, server).bind(config, server, load_now=True)
-
-
-def encoder_app(args: dict):
-    """Builder for the encoder stage as its own autoscaled application: args model, default_method,
-    any Limits field, auth_token, max_queue, grace_s and the deployment overrides."""
-    config, server = _configs(args, EncoderConfig)
-    return _deployment(EncoderServicer, "encoder", args, server).bind(config, server, load_now=True)
-
-
-def run_llm_on_ray(config: LLMConfig, server: ServerConfig, deployment_args: dict | None = None) -> None:
-    """`luvc serve llm --ray`: join RAY_ADDRESS or start a local Ray (temp dir RAY_TMPDIR), deploy
-    the LLM app behind Ray's gRPC proxy on server.host:server.port with the same config objects the
-    plain server takes, and shut down what we started on SIGTERM.
+def run_on_ray(build_app: Callable, name: str, server: ServerConfig) -> None:
+    """`luvc serve ... --ray`: join RAY_ADDRESS or start a local Ray (temp dir RAY_TMPDIR), run the app
+    build_app() returns (after ray.init: it asks the cluster for GPUs) behind Ray's gRPC proxy on
+    server.host:server.port, and shut down what we started on SIGTERM.
 
     Ray's proxy serves plaintext only, so TLS is refused here (terminate it in front of the proxy);
     the message limit reaches the proxy through RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, which a local Ray
@@ -112,7 +90,7 @@ def run_llm_on_ray(config: LLMConfig, server: ServerConfig, deployment_args: dic
     if server.tls_cert:
         raise ConfigError("--tls-cert/--tls-key with --ray: Ray Serve's gRPC proxy serves plaintext only; "
                           "terminate TLS in front of it, or serve without --ray")
-    logger = get_logger("llm-ray")
+    logger = get_logger(f"{name}-ray")
     t0 = time.perf_counter()
     address = os.environ.pop("RAY_ADDRESS", "") or None  # Ray itself rejects an empty RAY_ADDRESS
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(server.max_message_bytes)
@@ -125,8 +103,8 @@ def run_llm_on_ray(config: LLMConfig, server: ServerConfig, deployment_args: dic
         http_options={"host": server.host, "port": int(os.environ.get("LUVC_RAY_HTTP_PORT", 0)) or free_port(server.host)},
         grpc_options={"port": server.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
     )
-    serve.run(llm_app(deployment_args or {}, config, server), name="llm", route_prefix="/llm")
-    log(logger, "deployed; SERVING through Ray's gRPC proxy", port=server.port, application="llm", auth=bool(server.auth_token),
+    serve.run(build_app(), name=name, route_prefix=f"/{name}")
+    log(logger, "deployed; SERVING through Ray's gRPC proxy", port=server.port, application=name, auth=bool(server.auth_token),
         ray_start_s=round(t_ray - t0, 2), deploy_s=round(time.perf_counter() - t_ray, 2), joined_cluster=address is not None)
     stop.wait()
     log(logger, "stopping")

@@ -8,11 +8,8 @@ from typing import Iterator
 
 import grpc
 
-from luvc_common.config import FRAME_SUFFIXES
+from luvc_common.config import FRAME_SUFFIXES, REQUEST_ID, MiB
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
-
-MiB = 1 << 20
-REQUEST_ID = "x-request-id"
 
 
 @dataclass
