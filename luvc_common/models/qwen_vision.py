@@ -112,6 +112,10 @@ def _tome(visual, item: TokenGrid, keep_ratio: float) -> tuple[Tensor, Tensor]:
     return x, kept
 
 
+QUERY_CHUNK = 1024
+"""Queries per block when VisionZip sums attention probabilities: a long video never holds n x n."""
+
+
 def _visionzip(visual, item: TokenGrid, cfg: BaselineConfig) -> tuple[Tensor, Tensor]:
     """VisionZip for one item on the tower's output. Qwen2-VL has no CLS token, so a group's saliency
     is the attention its patches receive in the last block, averaged over heads and all queries.
@@ -122,8 +126,9 @@ def _visionzip(visual, item: TokenGrid, cfg: BaselineConfig) -> tuple[Tensor, Te
     q, k, _ = last.attn.qkv(last.norm1(x_last)).reshape(len(x_last), 3, last.attn.num_heads, -1).unbind(1)
     q, k = apply_rotary_pos_emb_vision(q, k, *visual.rotary_pos_emb(x_last, item.positions))
     received = x_last.new_zeros(len(x_last), dtype=torch.float32)
-    for h in range(q.shape[1]):  # one head at a time: n x n probabilities, not heads x n x n
-        received += ((q[:, h] @ k[:, h].T).float() * last.attn.scaling).softmax(-1).mean(0)
+    for h in range(q.shape[1]):  # one head and QUERY_CHUNK queries at a time: memory linear in n
+        for rows in q[:, h].split(QUERY_CHUNK):
+            received += ((rows @ k[:, h].T).float() * last.attn.scaling).softmax(-1).sum(0) / len(q)
     x = _run_blocks(visual, TokenGrid(x_last, item.sizes, item.positions, item.grids), range(depth - 1, depth))
     n = len(x) // unit**2
     keep = baselines.keep_count(n, cfg.keep_ratio)
