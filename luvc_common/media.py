@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from luvc_common.config import FRAME_SUFFIXES, Limits
-from luvc_common.errors import MediaError
+from luvc_common.errors import MediaError, shorten
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 """The only Pillow decoders reachable from a request."""
@@ -66,16 +66,22 @@ def _open(data: bytes, name: str) -> Image.Image:
 
 
 def probe_image(data: bytes, limits: Limits, name: str = "image") -> ImageFile:
-    """Check an encoded image from its header alone: format, size, pixels and aspect ratio."""
+    """Check an encoded image without decoding its pixels: format, size, pixels and aspect ratio from
+    the header, then the file's structure (Pillow's verify)."""
     if not data:
         raise MediaError(f"{name}: empty data")
-    w, h = _open(data, name).size
+    img = _open(data, name)
+    w, h = img.size
     if w * h == 0:
         raise MediaError(f"{name}: zero-size image ({w}x{h})")
     if w * h > limits.max_image_pixels:
         raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={limits.max_image_pixels}")
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise MediaError(f"{name}: {w}x{h} has an aspect ratio over {MAX_ASPECT_RATIO}")
+    try:
+        img.verify()  # chunk structure and checksums, without decoding pixels: corrupt files fail before the queue
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data
+        raise MediaError(f"{name}: unreadable image ({shorten(str(e), 200)})") from None
     return ImageFile(data, w, h, name)
 
 

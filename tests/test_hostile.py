@@ -97,6 +97,7 @@ CASES = {
     "non-numeric budget": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="fastv:keep=lots"), INVALID, "not a float"),
     # media
     "aspect ratio 100000:1": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_png(100000, 1))]), INVALID, "aspect ratio"),
+    "truncated PNG (header intact)": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_png(300, 300)[:-30])]), INVALID, "unreadable image"),
     "TIFF decoder not reachable": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_tiff())]), INVALID, "unreadable image"),
     "header claims 65535 x 65535": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_png_header_only(65535, 65535))]), INVALID, "pixels"),
     "frames over max_request_pixels": (lambda c, e: c.generate(PROMPT, [_frames(40, 4000)] * 2), INVALID, "max_request_pixels"),
