@@ -103,6 +103,16 @@ class LLMService:
             raise ServiceError(code, f"encoder rejected the media: {details}") from None
         return response, (time.perf_counter() - t0) * 1e3
 
+    async def _visual(self, request: luvc_pb2.GenerateRequest, spec: str, call: Call) -> tuple[luvc_pb2.EncodeResponse | None, float]:
+        """The request's visual tokens (precomputed, from the encoder, or none) and the encoder round trip in ms."""
+        if request.HasField("visual") and request.media:
+            raise PromptError("give either media or visual tokens, not both")
+        if request.HasField("visual"):
+            return request.visual, 0.0
+        if request.media:
+            return await self._encode(request, spec, call)
+        return None, 0.0
+
     async def generate(self, request: luvc_pb2.GenerateRequest, call: Call):
         """Yield GenerateResponse chunks of new text; the last one carries GenerateStats.
 
@@ -116,19 +126,10 @@ class LLMService:
         max_new = request.max_new_tokens or self.config.default_max_new_tokens
         gen, engine = self.generator, self.generator.engine
         gen.check(request.prompt, max_new)  # before the encoder is called
-        if request.HasField("visual") and request.media:
-            raise PromptError("give either media or visual tokens, not both")
-        if request.HasField("visual"):
-            visual, round_trip_ms = request.visual, 0.0
-        elif request.media:
-            visual, round_trip_ms = await self._encode(request, spec, call)
-        else:
-            visual, round_trip_ms = None, 0.0
+        visual, round_trip_ms = await self._visual(request, spec, call)
         hidden = engine.config.text_config.hidden_size
-        if visual is None:
-            encoded = EncodedMedia.empty(hidden)
-        else:
-            encoded = await asyncio.to_thread(encoded_from_proto, visual, hidden, engine.unit, self.config.limits)
+        encoded = EncodedMedia.empty(hidden) if visual is None else \
+            await asyncio.to_thread(encoded_from_proto, visual, hidden, engine.unit, self.config.limits)
         ids = await asyncio.to_thread(gen.prompt_ids, request.prompt, encoded)  # validate before queueing
 
         def work(emit):
@@ -147,26 +148,25 @@ class LLMService:
                 full = gen.tokenizer.decode(tokens, skip_special_tokens=True)
                 yield luvc_pb2.GenerateResponse(text=full[len(text):], token_ids=item)
                 text = full
-        payload = len(visual.tokens.data) if visual is not None else 0
-        timings = {
-            "encode": encoded.encode_ms,
-            "transfer": max(0.0, round_trip_ms - encoded.encode_ms),
-            "prefill": result.timings_ms["prefill"],
-            "decode": result.timings_ms["decode"],
-            "total": (time.perf_counter() - t_start) * 1e3,
-        }
-        v = result.visual_tokens
-        stats = luvc_pb2.GenerateStats(
-            request_id=call.request_id, model=result.model, method=spec, prompt_ids=result.prompt_ids,
-            token_ids=result.token_ids, text=result.text, vit_patches=v["vit_patches"], encoder_out=v["encoder_out"],
-            llm_per_layer=v["llm_per_layer"], payload_bytes=payload,
-            payload_bytes_uncompressed=uncompressed_payload_bytes(visual, engine.unit) if visual is not None else 0,
-            timings_ms=timings,
-        )
+        timings = {"encode": encoded.encode_ms, "transfer": max(0.0, round_trip_ms - encoded.encode_ms),
+                   "prefill": result.timings_ms["prefill"], "decode": result.timings_ms["decode"],
+                   "total": (time.perf_counter() - t_start) * 1e3}
+        stats = self._stats(result, spec, visual, timings, call)
         log(self.logger, "generated", request_id=call.request_id, method=spec, prompt_tokens=len(result.prompt_ids),
-            new_tokens=len(result.token_ids), llm_per_layer=v["llm_per_layer"], payload_bytes=payload,
+            new_tokens=len(result.token_ids), llm_per_layer=stats.llm_per_layer, payload_bytes=stats.payload_bytes,
             **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
+
+    def _stats(self, result: GenerateResult, spec: str, visual: luvc_pb2.EncodeResponse | None, timings: dict,
+               call: Call) -> luvc_pb2.GenerateStats:
+        v, unit = result.visual_tokens, self.generator.engine.unit
+        return luvc_pb2.GenerateStats(
+            request_id=call.request_id, model=result.model, method=spec, prompt_ids=result.prompt_ids,
+            token_ids=result.token_ids, text=result.text, vit_patches=v["vit_patches"], encoder_out=v["encoder_out"],
+            llm_per_layer=v["llm_per_layer"], payload_bytes=len(visual.tokens.data) if visual is not None else 0,
+            payload_bytes_uncompressed=uncompressed_payload_bytes(visual, unit) if visual is not None else 0,
+            timings_ms=timings,
+        )
 
 
 class LLMServicer(ServicerBase, luvc_pb2_grpc.LLMServicer):

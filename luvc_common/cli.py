@@ -185,12 +185,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from luvc_common.evaluate import int_at_least, positive_int
-
-    parser = argparse.ArgumentParser(prog="luvc", description="LUVC-serve: VLM serving with visual-token compression")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="answer a prompt about images/video in this process")
     g.add_argument("--image", action="append", default=[], metavar="PATH")
     g.add_argument("--video", metavar="DIR_OF_FRAMES")
@@ -200,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _model_args(g)
     g.set_defaults(func=cmd_generate)
+
+
+def _add_serve(sub) -> None:
+    """`serve encoder|llm`: the same flags for both, and for the plain server and --ray alike."""
+    from luvc_common.evaluate import int_at_least, positive_int
 
     serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="service", required=True)
     for name, func in (("encoder", cmd_serve_encoder), ("llm", cmd_serve_llm)):
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         _limit_args(p)
         p.set_defaults(func=func)
 
+
+def _add_client(sub) -> None:
     c = sub.add_parser("client", help="ask a running LLM service")
     c.add_argument("--target", required=True, metavar="HOST:PORT")
     c.add_argument("--image", action="append", default=[], metavar="PATH")
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--application", help="Ray Serve application name (behind Ray's gRPC proxy)")
     c.set_defaults(func=cmd_client)
 
+
+def _add_ops(sub) -> None:
     h = sub.add_parser("health", help="exit 0 when the service at --target is SERVING (plain or behind Ray)")
     h.add_argument("--target", required=True, metavar="HOST:PORT")
     h.add_argument("--timeout", type=float, default=3.0)
@@ -248,19 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="What color is the circle?")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_research(sub) -> None:
     from luvc_common.bench import add_bench_parser
     from luvc_common.evaluate import add_eval_parser
 
     add_eval_parser(sub)
     add_bench_parser(sub)
     sub.add_parser("train", help="train a tiny Qwen2-VL from scratch on SynthVQA (luvc train --help)", add_help=False)
-
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a SynthVQA JSONL set")
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="luvc", description="LUVC-serve: VLM serving with visual-token compression")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_serve, _add_client, _add_ops, _add_research):
+        add(sub)
     return parser
 
 

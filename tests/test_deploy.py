@@ -83,3 +83,53 @@ def test_dockerfile_uses_the_makefile_torch_pin():
     pin = re.search(r"torch==[\d.]+", (ROOT / "Makefile").read_text()).group()
     assert pin in (ROOT / "deploy/Dockerfile").read_text()
     assert pin in (ROOT / "pyproject.toml").read_text()
+
+
+def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(monkeypatch):
+    """`luvc serve llm` hands the same config objects to the plain server and to Ray; every flag set
+    to a non-default value shows up in them."""
+    from dataclasses import fields, is_dataclass
+
+    from llm_service import ray_app
+    from llm_service.service import LLMServicer
+    from luvc_common import cli
+    from luvc_common.config import MiB
+
+    captured = {}
+    monkeypatch.setattr(ray_app, "run_llm_on_ray", lambda config, server: captured.setdefault("ray", (config, server)))
+    monkeypatch.setattr(LLMServicer, "run", classmethod(lambda cls, config, server: captured.setdefault("plain", (config, server))))
+    values = {"--host": "0.0.0.0", "--port": "7001", "--encoder": "enc:9", "--encoder-tls-ca": "/ca.pem", "--encoder-token": "et",
+              "--wire-dtype": "FP16", "--max-message-mb": "3", "--max-queue": "5", "--grace-s": "7.5", "--health-interval-s": "0.5",
+              "--auth-token": "at", "--model": "/m", "--dtype": "float16", "--device": "cpu",
+              "--max-media": "2", "--max-image-pixels": "1001", "--max-frames": "3", "--max-request-pixels": "1002",
+              "--max-vit-patches": "1003", "--max-prompt-chars": "1004", "--max-prompt-tokens": "1005", "--max-new-tokens": "6"}
+    parser_flags = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["serve"]._subparsers._group_actions[0]
+                    .choices["llm"]._actions for o in a.option_strings if o.startswith("--")} - {"--help", "--ray", "--tls-cert", "--tls-key"}
+    assert parser_flags == set(values), "a new serve flag: give it a value here"
+    argv = ["serve", "llm", *(x for kv in values.items() for x in kv)]
+    assert cli.main(argv) == 0 and cli.main(argv + ["--ray"]) == 0
+    assert captured["plain"] == captured["ray"]
+
+    def flat(obj, out):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            flat(value, out) if is_dataclass(value) else out.setdefault(f.name, value)
+        return out
+
+    landed = {k: str(v) for obj in captured["ray"] for k, v in flat(obj, {}).items()}
+    renamed = {"--model": "path", "--max-message-mb": "max_message_bytes", "--wire-dtype": "default_wire_dtype"}
+    for flag, value in values.items():
+        field = renamed.get(flag, flag[2:].replace("-", "_"))
+        expected = str(int(value) * MiB) if flag == "--max-message-mb" else value
+        assert landed.get(field) == expected, (flag, landed.get(field))
+
+
+def test_tls_with_ray_is_refused_with_a_clear_error():
+    """Ray's gRPC proxy serves plaintext: asking it for TLS is an error, never a silent plaintext port."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from luvc_common.errors import ConfigError
+    from luvc_common.serving.ray import run_on_ray
+    from luvc_common.serving.runtime import ServerConfig
+
+    with pytest.raises(ConfigError, match="plaintext only"):
+        run_on_ray(lambda: None, "llm", ServerConfig(tls_cert="cert.pem", tls_key="key.pem"))
