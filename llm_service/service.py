@@ -134,7 +134,7 @@ class LLMService:
 
         def work(emit):
             result = gen.generate(request.prompt, encoded, method, max_new, ids=ids,
-                                  on_step=lambda new: (emit(new[0]), not call.stopped())[1])
+                                  on_step=lambda new, _logits: (emit(new[0]), not call.stopped())[1])
             call.check()  # a generation cut short by a cancel or deadline is not an answer
             return result
 

@@ -21,6 +21,13 @@ def refuse_weights_attention(module, query, key, value, attention_mask, **kwargs
 AttentionInterface.register("refuse_weights", refuse_weights_attention)
 
 
+def generate_with_logits(engine, requests, compression, max_new_tokens):
+    """engine.generate, plus the logits of every step (collected through on_step)."""
+    logits = []
+    out = engine.generate(requests, compression, max_new_tokens, on_step=lambda _new, step: logits.append(step))
+    return out, logits
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -141,10 +141,10 @@ def test_full_budget_equals_uncompressed(pipeline, demo_image, demo_video, metho
         cfg = method_config(spec)
         encoded = pipeline.encoder.encode(media, cfg)
         ids = gen.prompt_ids(PROMPT, encoded)
-        results[spec] = gen.engine.generate([Request(ids, encoded.embeds, encoded.grids, encoded.cells)], cfg, 4, keep_logits=True)
-    a, b = results.values()
+        results[spec] = conftest.generate_with_logits(gen.engine, [Request(ids, encoded.embeds, encoded.grids, encoded.cells)], cfg, 4)
+    (a, a_logits), (b, b_logits) = results.values()
     assert a.token_ids == b.token_ids and a.visual_per_layer == b.visual_per_layer
-    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a.step_logits, b.step_logits))
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a_logits, b_logits))
 
 
 def test_fastv_never_asks_the_kernel_for_attention_weights(tiny_qwen2vl, demo_image):

@@ -69,10 +69,10 @@ def test_compression_off_equals_stock_generate(case, pipeline, stock, demo_image
     media = CASES[case](demo_image, demo_video)
     encoded = pipeline.encoder.encode(media, None)
     ids = pipeline.generator.prompt_ids("What color is the circle?", encoded)
-    ours = pipeline.generator.engine.generate([Request(ids, encoded.embeds, encoded.grids)], None, 8, keep_logits=True)
+    ours, logits = conftest.generate_with_logits(pipeline.generator.engine, [Request(ids, encoded.embeds, encoded.grids)], None, 8)
     tokens, scores = _stock_generate(stock, pipeline, media, ids, 8)
     assert len(scores) >= 2 and ours.token_ids[0] == tokens
-    for a, b in zip(ours.step_logits, scores):
+    for a, b in zip(logits, scores):
         assert torch.allclose(a[0], b, atol=1e-4)
     # and through the public entry point
     result = pipeline.generate(media, "What color is the circle?", method_config("none"), 8)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import conftest
 from luvc_common.compression.spu import (
     highfreq_residual,
     lowpass,
@@ -139,12 +140,12 @@ def test_batch_with_padding_equals_requests_alone(pipeline, demo_image, demo_vid
     b = pipeline.encoder.encode([demo_video], cfg)
     ra = _request(gen.prompt_ids("What color is the circle?", a), a)
     rb = _request(gen.prompt_ids("Where is the red square?", b), b)
-    together = gen.engine.generate([ra, rb], cfg, 6, keep_logits=True)
-    alone = [gen.engine.generate([r], cfg, 6, keep_logits=True) for r in (ra, rb)]
-    assert together.token_ids == [alone[0].token_ids[0], alone[1].token_ids[0]]
-    assert together.visual_per_layer == [alone[0].visual_per_layer[0], alone[1].visual_per_layer[0]]
-    assert torch.allclose(together.step_logits[0][0], alone[0].step_logits[0][0], atol=1e-4)
-    assert torch.allclose(together.step_logits[0][1], alone[1].step_logits[0][0], atol=1e-4)
+    together, together_logits = conftest.generate_with_logits(gen.engine, [ra, rb], cfg, 6)
+    (alone_a, logits_a), (alone_b, logits_b) = (conftest.generate_with_logits(gen.engine, [r], cfg, 6) for r in (ra, rb))
+    assert together.token_ids == [alone_a.token_ids[0], alone_b.token_ids[0]]
+    assert together.visual_per_layer == [alone_a.visual_per_layer[0], alone_b.visual_per_layer[0]]
+    assert torch.allclose(together_logits[0][0], logits_a[0][0], atol=1e-4)
+    assert torch.allclose(together_logits[0][1], logits_b[0][0], atol=1e-4)
 
 
 def test_spectral_resample_keeps_low_frequencies_on_a_smaller_grid():
@@ -168,12 +169,12 @@ def test_resample_mode_fuses_tokens_and_empties_the_last_layer(pipeline, demo_im
     cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
     encoded = pipeline.encoder.encode([demo_image, demo_video], cfg)
     ids = gen.prompt_ids("What color is the circle?", encoded)
-    out = gen.engine.generate([_request(ids, encoded)], cfg, 4, keep_logits=True)
+    out, logits = conftest.generate_with_logits(gen.engine, [_request(ids, encoded)], cfg, 4)
     counts = out.visual_per_layer[0]
     grids = [(t, h // 2, w // 2) for t, h, w in encoded.grids]
     expect = [sum(t * h * w for t, h, w in (resampled_grid(g, round(r * g[0] * g[1] * g[2])) for g in grids)) for r in (0.5, 0.25)]
     assert counts == [len(encoded.embeds), *expect, 0]
-    assert torch.isfinite(out.step_logits[0]).all()
+    assert torch.isfinite(logits[0]).all()
     # cached decode still equals recomputation with resampled (fused) tokens in the early caches
     state = gen.engine.prefill([_request(ids, encoded)], cfg)
     token = gen.tokenizer("blue", add_special_tokens=False)["input_ids"][0]

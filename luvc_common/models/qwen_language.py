@@ -16,7 +16,7 @@ and the absent cells are dropped before the first layer.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -78,7 +78,6 @@ class Generation:
     visual_per_layer: list[list[int]]
     prefill_ms: float
     decode_ms: float
-    step_logits: list[Tensor] = field(default_factory=list)
 
 
 class LanguageEngine:
@@ -317,13 +316,13 @@ class LanguageEngine:
         requests: list[Request],
         compression: CompressionConfig | None,
         max_new_tokens: int,
-        keep_logits: bool = False,
-        on_step: Callable[[list[list[int]]], bool] | None = None,
+        on_step: Callable[[list[list[int]], Tensor], bool] | None = None,
     ) -> Generation:
         """Greedy decoding; returned token ids stop before EOS (EOS excluded).
 
-        `on_step(new)` gets each step's new token ids per request (none once a request has hit EOS);
-        returning False stops generation (a cancelled or expired RPC)."""
+        `on_step(new, logits)` gets each step's new token ids per request (none once a request has hit
+        EOS) and the (B, V) logits they were chosen from; returning False stops generation (a
+        cancelled or expired RPC)."""
         eos = self.config.text_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         t0 = time.perf_counter()
@@ -332,22 +331,20 @@ class LanguageEngine:
         t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in requests]
         done = [False] * len(requests)
-        logits, step_logits = state.logits, []
+        logits = state.logits
         for step in range(max_new_tokens):
-            if keep_logits:
-                step_logits.append(logits)
             next_tokens = logits.argmax(-1).cpu()
             accepted: list[list[int]] = []
             for b, tok in enumerate(next_tokens.tolist()):
                 done[b] = done[b] or tok in eos
                 accepted.append([] if done[b] else [tok])
                 out[b] += accepted[b]
-            stopped = on_step is not None and on_step(accepted) is False
+            stopped = on_step is not None and on_step(accepted, logits) is False
             if all(done) or step == max_new_tokens - 1 or stopped:
                 break
             logits = self.decode_step(state, next_tokens)
         t2 = time.perf_counter()
-        return Generation(out, state.visual_per_layer, (t1 - t0) * 1e3, (t2 - t1) * 1e3, step_logits)
+        return Generation(out, state.visual_per_layer, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
 
 def _gather(hidden: Tensor, cos: Tensor, sin: Tensor, source: Tensor, keep: Tensor):
