@@ -153,7 +153,7 @@ class LLMService:
                    "total": (time.perf_counter() - t_start) * 1e3}
         stats = self._stats(result, spec, visual, timings, call)
         log(self.logger, "generated", request_id=call.request_id, method=spec, prompt_tokens=len(result.prompt_ids),
-            new_tokens=len(result.token_ids), llm_per_layer=stats.llm_per_layer, payload_bytes=stats.payload_bytes,
+            new_tokens=len(result.token_ids), llm_per_layer=result.visual_tokens["llm_per_layer"], payload_bytes=stats.payload_bytes,
             **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
 

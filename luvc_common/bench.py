@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import DEFAULT_MODEL, CompressionConfig, budget_unset, method_config, method_spec
 from luvc_common.evaluate import int_at_least, positive_int
 
@@ -92,7 +93,7 @@ def _one(client, engine, hidden: int, limits, media, prompt_for, cfg: Compressio
     encoded = encoded_from_proto(response, hidden, engine.unit, limits)
     t1 = time.perf_counter()
     ids = prompt_for(encoded)
-    state = engine.prefill([Request(ids, encoded.embeds, encoded.grids, encoded.cells)], cfg)
+    state = engine.prefill([Request(ids, encoded)], cfg)
     token = state.logits.argmax(-1).cpu()
     t2 = time.perf_counter()
     kv = sum(t.numel() * t.element_size() for layer in state.cache.layers for t in (layer.keys, layer.values))
@@ -100,7 +101,7 @@ def _one(client, engine, hidden: int, limits, media, prompt_for, cfg: Compressio
         token = engine.decode_step(state, token).argmax(-1).cpu()
     t3 = time.perf_counter()
     text_tokens = len(ids) - sum(encoded.grid_counts(engine.unit))
-    full = sum(t * h * w for t, h, w in encoded.source_grids) // engine.unit**2
+    full = sum(grid_tokens(g, engine.unit) for g in encoded.source_grids)
     return dict(
         encode_ms=response.encode_ms, transfer_ms=(t1 - t0) * 1e3 - response.encode_ms, payload_bytes=len(response.tokens.data),
         llm_prefill_ms=(t2 - t1) * 1e3, ttft_ms=(t2 - t0) * 1e3, decode_tok_s=decode_tokens / (t3 - t2) if decode_tokens else 0.0,

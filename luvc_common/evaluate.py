@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import (BASELINES, DEFAULT_MODEL, METHOD_NAMES, VISION_BASELINES, CompressionConfig,
                                 OIMConfig, budget_unset, method_config, method_spec)
 from luvc_common.errors import UserError
@@ -134,7 +135,7 @@ def evaluate(
                 flops = prefill_flops([text_tokens + k for k in vis["llm_per_layer"]], text_config)
                 rows[label].append((r.text, vis["encoder_out"], vis["llm_per_layer"], flops, r.timings_ms["prefill"]))
         text_counts.append(text_tokens)
-        visual_counts.append(sum(t * h * w for t, h, w in encoded.source_grids) // engine.unit**2)
+        visual_counts.append(sum(grid_tokens(g, engine.unit) for g in encoded.source_grids))
         base_flops += prefill_flops(uncompressed_tokens_per_layer(text_tokens, encoded.source_grids, engine.num_layers, engine.unit), text_config)
 
     base_ms = statistics.median(row[4] for row in rows[next(iter(runs))])

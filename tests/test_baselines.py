@@ -141,7 +141,7 @@ def test_full_budget_equals_uncompressed(pipeline, demo_image, demo_video, metho
         cfg = method_config(spec)
         encoded = pipeline.encoder.encode(media, cfg)
         ids = gen.prompt_ids(PROMPT, encoded)
-        results[spec] = conftest.generate_with_logits(gen.engine, [Request(ids, encoded.embeds, encoded.grids, encoded.cells)], cfg, 4)
+        results[spec] = conftest.generate_with_logits(gen.engine, [Request(ids, encoded)], cfg, 4)
     (a, a_logits), (b, b_logits) = results.values()
     assert a.token_ids == b.token_ids and a.visual_per_layer == b.visual_per_layer
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a_logits, b_logits))
@@ -172,7 +172,7 @@ def test_fastv_scores_equal_eager_attention_weights(tiny_qwen2vl, demo_image, mo
     monkeypatch.setattr(LanguageEngine, "_last_query_attention", staticmethod(lambda *a: recomputed.append(original(*a)) or recomputed[-1]))
     hook = engine.lm.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: eager.append(out[1][:, :, -1].float()))
     try:  # K = round(0.5 * 4) = 2: scores from layer 1
-        engine.prefill([Request(ids, encoded.embeds, encoded.grids)], method_config("fastv:keep=0.5,layer=0.5"))
+        engine.prefill([Request(ids, encoded)], method_config("fastv:keep=0.5,layer=0.5"))
     finally:
         hook.remove()
     assert len(recomputed) == 1 and torch.allclose(recomputed[0], eager[0], atol=1e-5)

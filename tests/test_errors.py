@@ -12,6 +12,7 @@ from luvc_common.errors import MediaError, ModelLoadError, PromptError
 from luvc_common.media import decode_image, load_image, load_video_dir
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_language import Request
+from luvc_common.models.visual import VisualTokens
 from luvc_common.engine.pipeline import Pipeline
 
 
@@ -92,9 +93,9 @@ def test_visual_tokens_must_match_placeholders(pipeline, demo_image):
     encoded = pipeline.encoder.encode([demo_image], None)
     ids = pipeline.generator.prompt_ids("What?", encoded)
     with pytest.raises(PromptError, match="visual placeholder tokens"):
-        pipeline.generator.engine.prefill([Request(ids, encoded.embeds[:-1], encoded.grids)], None)
+        pipeline.generator.engine.prefill([Request(ids, VisualTokens(encoded.embeds[:-1], encoded.grids))], None)
     with pytest.raises(PromptError, match="visual placeholder tokens"):
-        pipeline.generator.engine.prefill([Request(ids[:-20] + ids[-5:], encoded.embeds, encoded.grids)], None)
+        pipeline.generator.engine.prefill([Request(ids[:-20] + ids[-5:], encoded)], None)
 
 
 def test_bad_model_directory(tmp_path, tiny_qwen2vl):

@@ -69,7 +69,7 @@ def test_compression_off_equals_stock_generate(case, pipeline, stock, demo_image
     media = CASES[case](demo_image, demo_video)
     encoded = pipeline.encoder.encode(media, None)
     ids = pipeline.generator.prompt_ids("What color is the circle?", encoded)
-    ours, logits = conftest.generate_with_logits(pipeline.generator.engine, [Request(ids, encoded.embeds, encoded.grids)], None, 8)
+    ours, logits = conftest.generate_with_logits(pipeline.generator.engine, [Request(ids, encoded)], None, 8)
     tokens, scores = _stock_generate(stock, pipeline, media, ids, 8)
     assert len(scores) >= 2 and ours.token_ids[0] == tokens
     for a, b in zip(logits, scores):

@@ -19,7 +19,7 @@ from transformers.vision_utils import get_vision_position_ids
 def _encode(visual, pixels, grids, oim=None):
     """(projector output, merged grids) of the tower with OIM steps `oim` (None: no merging)."""
     out = encode(visual, pixels, grids, method_config("luvc", oim=oim, spu=None))
-    return out.embeds, out.grids
+    return out.embeds, torch.tensor(out.grids)
 
 
 def test_block_major_order_matches_transformers_positions():

@@ -110,7 +110,7 @@ def test_counts_follow_schedule_and_text_is_untouched(pipeline, demo_image, demo
 def _request(ids, encoded):
     from luvc_common.models.qwen_language import Request
 
-    return Request(ids, encoded.embeds, encoded.grids, encoded.cells)
+    return Request(ids, encoded)
 
 
 @pytest.mark.parametrize("method", ["none", "luvc"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import LLM_BASELINES
 
 
@@ -42,7 +43,7 @@ def flops_ratio(base_tokens_per_layer: list[int], method_tokens_per_layer: list[
 
 def uncompressed_tokens_per_layer(text_tokens: int, source_grids: list[tuple[int, int, int]], num_layers: int, unit: int = 2) -> list[int]:
     """Tokens entering each layer without compression: text plus t*h*w / unit^2 visual tokens per item."""
-    return [text_tokens + sum(t * h * w // unit**2 for t, h, w in source_grids)] * num_layers
+    return [text_tokens + sum(grid_tokens(g, unit) for g in source_grids)] * num_layers
 
 
 def matched_keep_ratio(target_ratio: float, text_tokens: int, visual_tokens: int, text_config, num_layers: int,

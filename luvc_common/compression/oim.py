@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-Grid = tuple[int, int, int]
+from luvc_common.compression.grid import Grid
+
 AXES = {"h": 1, "w": 2}
 
 

@@ -10,50 +10,34 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from torch import Tensor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from luvc_common.config import CompressionConfig, Limits, method_spec
 from luvc_common.errors import MediaError, PromptError
 from luvc_common.media import Media, MediaFiles, decode_image, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
-from luvc_common.models.qwen_language import LanguageEngine, Request, present_counts
+from luvc_common.models.qwen_language import LanguageEngine, Request
+from luvc_common.models.visual import VisualTokens
 from luvc_common.models.qwen_vision import encode
 from luvc_common.prompt import build_prompt_ids, check_question
 
 
 @dataclass
-class EncodedMedia:
-    """What the encoder hands the LLM side: compressed visual tokens and their grids."""
+class EncodedMedia(VisualTokens):
+    """What the encoder hands the LLM side: the visual tokens, their grids (merged; the source grids
+    before merging), media kinds and encoder figures."""
 
-    embeds: Tensor
-    """(N, D) projector output of all items, in order."""
-    kinds: list[str]
-    grids: list[tuple[int, int, int]]
-    """Merged ViT grid per item (what placeholders and M-RoPE follow)."""
-    source_grids: list[tuple[int, int, int]]
+    kinds: list[str] = field(default_factory=list)
+    """"image" or "video" per item."""
+    source_grids: list[tuple[int, int, int]] = field(default_factory=list)
     """ViT grid per item before merging."""
-    vit_patches: int
+    vit_patches: int = 0
     encode_ms: float = 0.0
-    cells: list[Tensor | None] | None = None
-    """Per item, the LLM-token raster cells of `grids` its tokens sit on (a subset, increasing), or
-    None when the item fills its grid; None for all items when no item is a subset."""
-
-    def __post_init__(self) -> None:
-        self.cells = self.cells or [None] * len(self.grids)
 
     @classmethod
     def empty(cls, hidden_size: int) -> "EncodedMedia":
         """No media: a text-only request."""
-        return cls(torch.zeros(0, hidden_size), [], [], [], 0)
-
-    def grid_counts(self, unit: int) -> list[int]:
-        """LLM tokens of each item's full grid: its placeholders in the prompt."""
-        return [t * h * w // unit**2 for t, h, w in self.grids]
-
-    def token_counts(self, unit: int) -> list[int]:
-        """Visual tokens actually present per item (rows of `embeds`)."""
-        return present_counts(self.grid_counts(unit), self.cells)
+        return cls(torch.zeros(0, hidden_size), [])
 
 
 @dataclass
@@ -115,10 +99,9 @@ class VisionEncoder:
             return EncodedMedia.empty(self.visual.merger.mlp[-1].out_features)
         pixels, grid_thw = patchify(media, self.image_processor)
         out = encode(self.visual, pixels, grid_thw, compression, check)
-        as_tuples = lambda g: [tuple(int(v) for v in row) for row in g.tolist()]  # noqa: E731
         return EncodedMedia(
-            embeds=out.embeds, kinds=[m.kind for m in media], grids=as_tuples(out.grids), source_grids=as_tuples(grid_thw),
-            vit_patches=int(grid_thw.prod(1).sum()), encode_ms=(time.perf_counter() - t0) * 1e3, cells=out.cells,
+            out.embeds, out.grids, out.cells, kinds=[m.kind for m in media], source_grids=[tuple(int(v) for v in g) for g in grid_thw.tolist()],
+            vit_patches=int(grid_thw.prod(1).sum()), encode_ms=(time.perf_counter() - t0) * 1e3,
         )
 
 
@@ -146,7 +129,7 @@ class TextGenerator:
         """`ids`: the prompt ids when the caller has already built them with prompt_ids()."""
         self.check(question, max_new_tokens)
         ids = ids or self.prompt_ids(question, encoded)
-        request = Request(ids, encoded.embeds, encoded.grids, encoded.cells)
+        request = Request(ids, encoded)
         gen = self.engine.generate([request], compression, max_new_tokens, on_step=on_step)
         tokens = gen.token_ids[0]
         return GenerateResult(

@@ -27,6 +27,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 from luvc_common.compression import baselines, spu
 from luvc_common.config import LLM_BASELINES, CompressionConfig, SPUConfig
 from luvc_common.errors import ConfigError, PromptError
+from luvc_common.models.visual import VisualTokens
 
 
 @dataclass
@@ -34,22 +35,9 @@ class Request:
     """One prompt with the encoder output for its media items."""
 
     input_ids: list[int]
-    """Prompt ids with each media item's placeholder token repeated once per visual token."""
-    embeds: Tensor
-    """(n_visual, D) projector output for all media items, in prompt order."""
-    grids: list[tuple[int, int, int]]
-    """Per media item, the (merged) ViT grid (t, h, w) the encoder reported."""
-    cells: list[Tensor | None] | None = None
-    """Per media item, the raster cells of its LLM-token grid that `embeds` fills (None: all of them);
-    None for all items when no item is a subset."""
-
-    def __post_init__(self) -> None:
-        self.cells = self.cells or [None] * len(self.grids)
-
-
-def present_counts(grid_counts: list[int], cells: list[Tensor | None]) -> list[int]:
-    """Visual tokens present per item: its full-grid count, or the number of its cells."""
-    return [n if c is None else len(c) for n, c in zip(grid_counts, cells)]
+    """Prompt ids with each media item's placeholder token repeated once per grid cell."""
+    visual: VisualTokens
+    """The media items' tokens, in prompt order."""
 
 
 @dataclass
@@ -97,16 +85,17 @@ class LanguageEngine:
     def _spans(self, ids: Tensor, req: Request) -> list[_Span]:
         is_media = torch.isin(ids, torch.tensor(list(self.media_token_types)))
         positions = is_media.nonzero().flatten().tolist()
-        counts = [t * h * w // self.unit**2 for t, h, w in req.grids]
-        present = sum(present_counts(counts, req.cells))
-        if len(positions) != sum(counts) or present != len(req.embeds):
+        visual = req.visual
+        counts = visual.grid_counts(self.unit)
+        present = sum(visual.token_counts(self.unit))
+        if len(positions) != sum(counts) or present != len(visual.embeds):
             raise PromptError(
                 f"prompt has {len(positions)} visual placeholder tokens, the media grids give {sum(counts)} "
-                f"(grids {req.grids}), {present} of them present, and {len(req.embeds)} "
+                f"(grids {visual.grids}), {present} of them present, and {len(visual.embeds)} "
                 "visual embeddings were supplied"
             )
         spans, offset = [], 0
-        for n, (t, h, w) in zip(counts, req.grids):
+        for n, (t, h, w) in zip(counts, visual.grids):
             start = positions[offset]
             if positions[offset + n - 1] != start + n - 1 or (offset + n < len(positions) and positions[offset + n] == start + n):
                 raise PromptError(f"media item {len(spans)}: its {n} placeholder tokens are not one contiguous run")
@@ -142,7 +131,7 @@ class LanguageEngine:
         hidden = self.lm.embed_tokens(ids.to(device))
         absent = torch.zeros_like(valid)
         for b, r in enumerate(requests):
-            for s, e, c in zip(spans[b], r.embeds.split(present_counts([s.length for s in spans[b]], r.cells)), r.cells):
+            for s, e, c in zip(spans[b], r.visual.embeds.split(r.visual.token_counts(self.unit)), r.visual.cells):
                 at = s.start + (torch.arange(s.length) if c is None else c.cpu().long())
                 hidden[b, at.to(device)] = e.to(device, dtype)
                 absent[b, s.start : s.start + s.length] = True
@@ -152,7 +141,7 @@ class LanguageEngine:
             token_type[ids == token_id] = kind
         image_grids, video_grids = [], []
         for b, r in enumerate(requests):
-            for s, g in zip(spans[b], r.grids):
+            for s, g in zip(spans[b], r.visual.grids):
                 (image_grids if token_type[b, s.start] == 1 else video_grids).append(list(g))
         position_ids, _ = self.model.model.get_rope_index(
             ids,

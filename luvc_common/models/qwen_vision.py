@@ -7,7 +7,6 @@ step has changed the grids. With no merge steps it computes exactly the stock fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,19 +17,11 @@ from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from luvc_common.compression import baselines
+from luvc_common.compression.grid import grid_tokens
 from luvc_common.compression.oim import TokenGrid, merge_layers, merge_step, step_axes
 from luvc_common.config import BaselineConfig, CompressionConfig
 from luvc_common.errors import ConfigError
-
-
-@dataclass
-class VisionOutput:
-    embeds: Tensor
-    """(N, D) projector output of all items, in order."""
-    grids: Tensor
-    """(n_items, 3) ViT grid per item that placeholders and M-RoPE follow."""
-    cells: list[Tensor | None]
-    """Per item, the LLM-token raster cells (of grid / unit) its tokens sit on, increasing; None = every cell."""
+from luvc_common.models.visual import VisualTokens
 
 
 def _proportional_block(block, x: Tensor, position_embeddings: tuple[Tensor, Tensor], size_log: Tensor) -> Tensor:
@@ -151,7 +142,7 @@ def _pool(embeds: Tensor, grid: tuple[int, int, int], unit: int, keep_ratio: flo
 
 @torch.no_grad()
 def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: CompressionConfig | None = None,
-           check: Callable[[], None] = lambda: None) -> VisionOutput:
+           check: Callable[[], None] = lambda: None) -> VisualTokens:
     """Run the vision tower and its projector with the compression's vision-side part: OIM, or one of
     the tome / visionzip / pool / random baselines. check() runs before each block of the OIM path
     (it raises to stop a cancelled request).
@@ -175,11 +166,11 @@ def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: Compress
             t, h, w = item.grids[0]
             outs = [_tome(visual, frame, compression.baseline.keep_ratio) for frame in _split(_frames(item))]
             embeds += [visual.merger(x) for x, _ in outs]
-            cells.append(torch.cat([f * h * w // unit**2 + kept for f, (_, kept) in enumerate(outs)]))
-        return VisionOutput(torch.cat(embeds), grid_thw.clone(), cells)
+            cells.append(torch.cat([f * grid_tokens((1, h, w), unit) + kept for f, (_, kept) in enumerate(outs)]))
+        return VisualTokens(torch.cat(embeds), list(tokens.grids), cells)
     if method == "visionzip":
         outs = [_visionzip(visual, item, compression.baseline) for item in _split(tokens)]
-        return VisionOutput(torch.cat([visual.merger(x) for x, _ in outs]), grid_thw.clone(), [kept for _, kept in outs])
+        return VisualTokens(torch.cat([visual.merger(x) for x, _ in outs]), list(tokens.grids), [kept for _, kept in outs])
     depth = len(visual.blocks)
     layers = merge_layers(oim.merge_depths, depth) if oim else []
     start = 0
@@ -188,19 +179,17 @@ def encode(visual, pixel_values: Tensor, grid_thw: Tensor, compression: Compress
         tokens = merge_step(tokens, axis, unit, oim.positions)
         start = layer
     embeds = visual.merger(_run_blocks(visual, tokens, range(start, depth), check))
-    grids = torch.tensor(tokens.grids, dtype=torch.long)
+    grids = list(tokens.grids)
     if method not in ("pool", "random"):
-        return VisionOutput(embeds, grids, [None] * len(grids))
-    counts = [t * h * w // unit**2 for t, h, w in tokens.grids]
+        return VisualTokens(embeds, grids)
     pieces, cells = [], []
-    for i, (e, grid) in enumerate(zip(embeds.split(counts), tokens.grids)):
+    for i, (e, grid) in enumerate(zip(embeds.split([grid_tokens(g, unit) for g in grids]), tokens.grids)):
         if method == "pool":
-            e, pooled = _pool(e, grid, unit, compression.baseline.keep_ratio)
-            grids[i] = torch.tensor(pooled)
+            e, grids[i] = _pool(e, grid, unit, compression.baseline.keep_ratio)
             cells.append(None)
         else:
             kept = baselines.random_keep(len(e), baselines.keep_count(len(e), compression.baseline.keep_ratio), compression.baseline.seed + i)
             e = e[kept.to(e.device)]
             cells.append(kept)
         pieces.append(e)
-    return VisionOutput(torch.cat(pieces), grids, cells)
+    return VisualTokens(torch.cat(pieces), grids, cells)

@@ -5,6 +5,7 @@ import torch
 
 import math
 
+from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import Limits
 from luvc_common.media import MediaFiles, check_request_pixels, probe_image
 from luvc_common.engine.pipeline import EncodedMedia
@@ -58,7 +59,7 @@ def _check_grids(msg: luvc_pb2.EncodeResponse, unit: int, limits: Limits) -> Non
             raise WireError(f"visual.media[{i}].grid={list(grid)}: sides must be positive multiples of {unit}")
         if min(src) <= 0 or any(s < g for s, g in zip(src, grid)):
             raise WireError(f"visual.media[{i}].source_grid={list(src)}: expected positive sides, none below grid {list(grid)}")
-        full += math.prod(grid) // unit**2
+        full += grid_tokens(grid, unit)
         source += math.prod(src)
         if full > limits.max_prompt_tokens or source > limits.max_vit_patches:
             raise WireError(f"visual.media: grids of {full}+ LLM tokens / {source}+ ViT patches exceed max_prompt_tokens="
@@ -78,7 +79,7 @@ def encoded_from_proto(msg: luvc_pb2.EncodeResponse, hidden_size: int, unit: int
         grid, source = (m.grid.t, m.grid.h, m.grid.w), (m.source_grid.t, m.source_grid.h, m.source_grid.w)
         if m.kind not in ("image", "video"):
             raise WireError(f"visual.media[{i}].kind={shorten(repr(m.kind), 40)}: expected image or video")
-        full = grid[0] * grid[1] * grid[2] // unit**2
+        full = grid_tokens(grid, unit)
         if m.cells:
             c = torch.tensor(list(m.cells), dtype=torch.long)
             if len(c) != m.num_tokens or c[0] < 0 or c[-1] >= full or (len(c) > 1 and bool((c[1:] <= c[:-1]).any())):
@@ -94,11 +95,11 @@ def encoded_from_proto(msg: luvc_pb2.EncodeResponse, hidden_size: int, unit: int
         sources.append(source)
     n_tokens = sum(m.num_tokens for m in msg.media)
     embeds = from_wire(msg.tokens, TensorSchema("visual.tokens", (n_tokens, hidden_size)))
-    return EncodedMedia(embeds, kinds, grids, sources, int(msg.vit_patches), float(msg.encode_ms), cells)
+    return EncodedMedia(embeds, grids, cells, kinds=kinds, source_grids=sources, vit_patches=int(msg.vit_patches), encode_ms=float(msg.encode_ms))
 
 
 def uncompressed_payload_bytes(msg: luvc_pb2.EncodeResponse, unit: int) -> int:
     """Bytes the same media's tokens would take without OIM, in the same wire dtype."""
-    n = sum(m.source_grid.t * m.source_grid.h * m.source_grid.w // unit**2 for m in msg.media)
+    n = sum(grid_tokens((m.source_grid.t, m.source_grid.h, m.source_grid.w), unit) for m in msg.media)
     hidden = msg.tokens.shape[1] if len(msg.tokens.shape) == 2 else 0
     return n * hidden * WIRE_DTYPES[msg.tokens.dtype].itemsize if msg.tokens.dtype in WIRE_DTYPES else 0

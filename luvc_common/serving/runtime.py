@@ -187,7 +187,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)  # a field of an odd type must never lose the line
 
 
 def get_logger(name: str) -> logging.Logger:
