@@ -14,20 +14,24 @@ METHOD_HELP = (f"compression method: one of {', '.join(METHOD_NAMES)}; baselines
                "e.g. tome:keep=0.25 or fastv:keep=0.25,layer=0.1 (default: luvc)")
 
 
-def _limit_args(p: argparse.ArgumentParser) -> None:
-    """One flag per Limits field (--max-media, ...), its help the field's docstring, its default from
-    the environment (LUVC_MAX_MEDIA, ...) when set there (how docker-compose passes them)."""
-    from luvc_common.evaluate import positive_int
+def _config_args(p: argparse.ArgumentParser, cls: type, env_prefix: str | None = None) -> None:
+    """One flag per field of the config dataclass `cls` (--max-media, ...): its type the default's, its
+    help the field's docstring, its default from the environment when set there (a field's `env`
+    metadata, or env_prefix + NAME: how docker-compose passes them); `cli_required` metadata makes it
+    required. The dataclass validates the values."""
+    docs = field_docs(cls)
+    for f in fields(cls):
+        env = f.metadata.get("env") or (f"{env_prefix}{f.name.upper()}" if env_prefix else None)
+        kind = type(f.default) if f.default is not None else str
+        required = f.metadata.get("cli_required", False)
+        note = "required" if required else f"default {f.default}" + (f"; env {env}" if env else "")
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=os.environ.get(env, f.default) if env else f.default,
+                       required=required, help=f"{docs[f.name]} ({note})")
 
-    docs = field_docs(Limits)
-    for f in fields(Limits):
-        env = f"LUVC_{f.name.upper()}"
-        p.add_argument("--" + f.name.replace("_", "-"), type=positive_int, default=positive_int(os.environ.get(env, str(f.default))),
-                       help=f"{docs[f.name]} (default {f.default}; env {env})")
 
-
-def _limits(args: argparse.Namespace) -> Limits:
-    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+def _config(cls: type, args: argparse.Namespace):
+    """The config dataclass `cls` from the flags _config_args made for it."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -60,21 +64,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace):
-    from luvc_common.config import MiB
     from luvc_common.serving.runtime import ServerConfig
 
-    return ServerConfig(
-        host=args.host, port=args.port, max_message_bytes=args.max_message_mb * MiB, max_queue=args.max_queue,
-        grace_s=args.grace_s, auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        health_interval_s=args.health_interval_s,
-    )
+    return _config(ServerConfig, args)
 
 
 def cmd_serve_encoder(args: argparse.Namespace) -> int:
     from encoder_service.service import EncoderConfig, EncoderServicer
     from luvc_common.models.loading import ModelConfig
 
-    config = EncoderConfig(ModelConfig(args.model, args.dtype, args.device), _limits(args), default_wire_dtype=args.wire_dtype)
+    config = EncoderConfig(ModelConfig(args.model, args.dtype, args.device), _config(Limits, args), default_wire_dtype=args.wire_dtype)
     EncoderServicer.run(config, _server_config(args))
     return 0
 
@@ -85,7 +84,7 @@ def cmd_serve_llm(args: argparse.Namespace) -> int:
     from luvc_common.models.loading import ModelConfig
 
     config = LLMConfig(
-        encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), limits=_limits(args),
+        encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), limits=_config(Limits, args),
         default_wire_dtype=args.wire_dtype, encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
     )
     if args.ray:
@@ -199,28 +198,20 @@ def _add_generate(sub) -> None:
 
 def _add_serve(sub) -> None:
     """`serve encoder|llm`: the same flags for both, and for the plain server and --ray alike."""
-    from luvc_common.evaluate import int_at_least, positive_int
+    from luvc_common.serving.runtime import ServerConfig
 
     serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="service", required=True)
     for name, func in (("encoder", cmd_serve_encoder), ("llm", cmd_serve_llm)):
         p = serve.add_parser(name, help=f"the {name} service")
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, required=True)
+        _config_args(p, ServerConfig)
         if name == "llm":
             p.add_argument("--encoder", required=True, metavar="HOST:PORT")
             p.add_argument("--encoder-tls-ca", help="CA bundle to verify a TLS encoder")
             p.add_argument("--encoder-token", default=os.environ.get("LUVC_ENCODER_TOKEN"), help="bearer token for the encoder")
             p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (RAY_ADDRESS or a local instance) behind its gRPC proxy")
         p.add_argument("--wire-dtype", default="BF16", choices=["BF16", "FP16", "FP32"])
-        p.add_argument("--max-message-mb", type=positive_int, default=64, help="largest gRPC message, both directions")
-        p.add_argument("--max-queue", type=int_at_least(0), default=32, help="requests waiting beyond the one running")
-        p.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
-        p.add_argument("--health-interval-s", type=float, default=2.0, help="how often the LLM checks its encoder for its health status")
-        p.add_argument("--auth-token", default=os.environ.get("LUVC_AUTH_TOKEN"), help="require this bearer token")
-        p.add_argument("--tls-cert")
-        p.add_argument("--tls-key")
         _model_args(p)
-        _limit_args(p)
+        _config_args(p, Limits, env_prefix="LUVC_")
         p.set_defaults(func=func)
 
 

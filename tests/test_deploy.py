@@ -117,11 +117,11 @@ def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(
         return out
 
     landed = {k: str(v) for obj in captured["ray"] for k, v in flat(obj, {}).items()}
-    renamed = {"--model": "path", "--max-message-mb": "max_message_bytes", "--wire-dtype": "default_wire_dtype"}
+    renamed = {"--model": "path", "--wire-dtype": "default_wire_dtype"}
     for flag, value in values.items():
         field = renamed.get(flag, flag[2:].replace("-", "_"))
-        expected = str(int(value) * MiB) if flag == "--max-message-mb" else value
-        assert landed.get(field) == expected, (flag, landed.get(field))
+        assert landed.get(field) == value, (flag, landed.get(field))
+    assert captured["ray"][1].max_message_bytes == 3 * MiB
 
 
 def test_tls_with_ray_is_refused_with_a_clear_error():

@@ -35,15 +35,15 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     """Address to bind."""
-    port: int = 50051
+    port: int = field(default=50051, metadata={"cli_required": True})
     """Port to bind; 0 picks a free one."""
-    max_message_bytes: int = 64 * MiB
-    """Largest gRPC message accepted or sent, both directions."""
+    max_message_mb: int = 64
+    """Largest gRPC message accepted or sent, both directions, in MiB."""
     max_queue: int = 32
     """Requests waiting for the model beyond the one running; more get RESOURCE_EXHAUSTED."""
     grace_s: float = 30.0
     """On SIGTERM, how long in-flight requests may finish before the server exits."""
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, metadata={"env": "LUVC_AUTH_TOKEN"})
     """When set, every RPC except health must carry `authorization: Bearer <token>`."""
     tls_cert: str | None = None
     """PEM certificate chain file; with tls_key, serve TLS instead of plaintext."""
@@ -55,12 +55,16 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port={self.port} is invalid: expected 0..65535")
-        if self.max_message_bytes < MiB:
-            raise ConfigError(f"max_message_bytes={self.max_message_bytes} is invalid: expected at least {MiB}")
+        if self.max_message_mb < 1:
+            raise ConfigError(f"max_message_mb={self.max_message_mb} is invalid: expected at least 1")
         if self.max_queue < 0 or self.grace_s < 0 or self.health_interval_s <= 0:
             raise ConfigError("max_queue and grace_s must be >= 0 and health_interval_s > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key must be given together")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MiB
 
     def channel_options(self) -> list[tuple[str, int]]:
         return [("grpc.max_send_message_length", self.max_message_bytes), ("grpc.max_receive_message_length", self.max_message_bytes)]
