@@ -60,9 +60,10 @@ def main() -> None:
     encoder = Service(["encoder", "--model", args.model], logs / "encoder.log").start()
     llm = Service(["llm", "--model", args.model, "--encoder", encoder.target], logs / "llm.log").start()
     frames = 2 * (limits.max_vit_patches // (48 * 48))  # 672x672 frames: 48x48 patches per temporal pair
+    patches = frames // 2 * 48 * 48
     requests = {
         f"text prompt of ~{limits.max_prompt_tokens - 64} tokens": ("?" * (limits.max_prompt_tokens - 64), []),
-        f"video of {frames} frames at 672x672 ({limits.max_vit_patches} patches)":
+        f"video of {frames} frames at 672x672 ({patches} patches; max_vit_patches={limits.max_vit_patches})":
             ("What color is it?", [luvc_pb2.Media(video=luvc_pb2.Video(frames=[_png(672, i) for i in range(frames)]))]),
         f"{limits.max_media} images of 672x672": ("What color is it?", [luvc_pb2.Media(image=_png(672, i)) for i in range(limits.max_media)]),
     }
