@@ -41,7 +41,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from luvc_common.media import load_image, load_video_dir
+    from luvc_common.engine.media import load_image, load_video_dir
     from luvc_common.models.loading import ModelConfig
     from luvc_common.engine.pipeline import Pipeline
 
@@ -170,15 +170,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    """Its flags live with the trainer (luvc_common.train), which imports torch only when used."""
-    from luvc_common.train import add_arguments, train
+    """Its flags live with the trainer (luvc_common.research.train), which imports torch only when used."""
+    from luvc_common.research.train import add_arguments, train
 
     train(add_arguments(argparse.ArgumentParser(prog="luvc train")).parse_args(argv))
     return 0
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from luvc_common.synthvqa import write_dataset
+    from luvc_common.research.synthvqa import write_dataset
 
     print(write_dataset(args.out, args.n, args.seed, progress=True))
     return 0
@@ -245,8 +245,8 @@ def _add_ops(sub) -> None:
 
 
 def _add_research(sub) -> None:
-    from luvc_common.bench import add_bench_parser
-    from luvc_common.evaluate import add_eval_parser
+    from luvc_common.research.bench import add_bench_parser
+    from luvc_common.research.evaluate import add_eval_parser
 
     add_eval_parser(sub)
     add_bench_parser(sub)

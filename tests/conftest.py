@@ -4,7 +4,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from luvc_common.config import Limits
-from luvc_common.media import Media, load_image, load_video_dir
+from luvc_common.engine.media import Media, load_image, load_video_dir
 from luvc_common.models.tiny import save_random_checkpoint
 
 ASSETS = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets"

@@ -13,7 +13,7 @@ from luvc_common.models.loading import ModelConfig
 from luvc_common.models.tiny import save_random_checkpoint, tiny_config
 from luvc_common.models.qwen_language import Request
 from luvc_common.engine.pipeline import Pipeline
-from luvc_common.tokenizer import build_tokenizer
+from luvc_common.models.tokenizer import build_tokenizer
 
 PROMPT = "What color is the circle?"
 

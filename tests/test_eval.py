@@ -7,9 +7,9 @@ import pytest
 
 from luvc_common.cli import main
 from luvc_common.config import SPUConfig, budget_unset, method_config
-from luvc_common.evaluate import _runs, config_label, evaluate, score, synthvqa_split
+from luvc_common.research.evaluate import _runs, config_label, evaluate, score, synthvqa_split
 from luvc_common.compression.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
-from luvc_common.synthvqa import TASKS, load_jsonl, write_dataset
+from luvc_common.research.synthvqa import TASKS, load_jsonl, write_dataset
 
 CONFIG = SimpleNamespace(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=10)
 

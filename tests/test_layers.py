@@ -8,11 +8,11 @@ LAYERS = [
     ("base", ["luvc_common.errors", "luvc_common.config", "luvc_common.proto"]),
     ("compression", ["luvc_common.compression"]),
     ("client", ["luvc_common.client"]),
-    ("models", ["luvc_common.models", "luvc_common.tokenizer", "luvc_common.prompt"]),
-    ("engine", ["luvc_common.engine", "luvc_common.media"]),
+    ("models", ["luvc_common.models"]),
+    ("engine", ["luvc_common.engine"]),
     ("serving", ["luvc_common.serving"]),
     ("services", ["encoder_service", "llm_service"]),
-    ("research", ["luvc_common.synthvqa", "luvc_common.train", "luvc_common.evaluate", "luvc_common.bench"]),
+    ("research", ["luvc_common.research"]),
     ("app", ["luvc_common.cli"]),
 ]
 ALLOWED_BELOW = {"client": {"base"}}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from luvc_common.synthvqa import (ANSWERS, COLORS, TASKS, QuestionSpec, Scene, Shape, answer_for, load_jsonl,
+from luvc_common.research.synthvqa import (ANSWERS, COLORS, TASKS, QuestionSpec, Scene, Shape, answer_for, load_jsonl,
                                   make_example, normalize_answer, render, scene_questions, write_dataset)
 
 N = 60  # ten examples of each task

@@ -11,12 +11,12 @@ from transformers import Qwen2VLForConditionalGeneration
 from luvc_common.cli import main
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.media import Media, patchify
-from luvc_common.train import (Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer, encode_example, evaluate,
+from luvc_common.engine.media import Media, patchify
+from luvc_common.research.train import (Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer, encode_example, evaluate,
                                image_processor, load_checkpoint, make_batch, recipe_at, score, token_labels, train)
-from luvc_common.synthvqa import (ALT_COLORS, COLORS, Bar, Look, Scene, Shape, answer_for, jitter_scene, make_example, question_text,
+from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, Bar, Look, Scene, Shape, answer_for, jitter_scene, make_example, question_text,
                                   random_look, render, scene_questions)
-from luvc_common.tokenizer import build_tokenizer
+from luvc_common.models.tokenizer import build_tokenizer
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
         "--batch-size", "2", "--warmup", "2", "--lr", "3e-3", "--eval-every", "0"]

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from luvc_common.train import _tokenizer, add_arguments, build_model, export_model
+from luvc_common.research.train import _tokenizer, add_arguments, build_model, export_model
 
 ckpt, out, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
 args = add_arguments(argparse.ArgumentParser()).parse_args(flags)

@@ -1,7 +1,7 @@
 """Draw per-task validation curves (exact match and answer loss) of one or more `luvc train` runs.
 
 Usage: python tools/plot_training.py OUT.png RUN_DIR [RUN_DIR ...]
-Each RUN_DIR holds the log.jsonl written by luvc_common.train; runs given in order are drawn as one curve
+Each RUN_DIR holds the log.jsonl written by luvc_common.research.train; runs given in order are drawn as one curve
 whose steps continue from the previous run's last step (a staged run, each stage --init from the last).
 """
 import json

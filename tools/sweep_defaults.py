@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 
 from luvc_common.config import DEFAULT_MODEL, SPUConfig, method_config
-from luvc_common.evaluate import VALIDATION_SEED, evaluate, format_table, synthvqa_split
+from luvc_common.research.evaluate import VALIDATION_SEED, evaluate, format_table, synthvqa_split
 
 
 def variants() -> dict:

@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY=PASSIVE  # degrade gracefully when other jobs share the c
 run=${RUN:-runs/default}
 stage() {  # stage NAME FLAGS...: one `luvc train` run in $run/NAME
   mkdir -p "$run/$1"
-  .venv/bin/python -m luvc_common.train --out "$run/$1" --resume --seed 1000 --batch-size 16 --lr 2e-3 --rope-theta 10 \
+  .venv/bin/python -m luvc_common.research.train --out "$run/$1" --resume --seed 1000 --batch-size 16 --lr 2e-3 --rope-theta 10 \
     --questions 8 --aux-weight 1 --augment --max-pixels 50176 --eval-n 240 --eval-every 500 "${@:2}"
 }
 stage s224 --side 224 --steps 2000 --minutes 30 --warmup 100 "$@"

@@ -14,12 +14,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from luvc_common.config import CompressionConfig, Limits, method_spec
 from luvc_common.errors import MediaError, PromptError
-from luvc_common.media import Media, MediaFiles, decode_image, patchify
+from luvc_common.engine.media import Media, MediaFiles, decode_image, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
 from luvc_common.models.qwen_language import LanguageEngine, Request
 from luvc_common.models.visual import VisualTokens
 from luvc_common.models.qwen_vision import encode
-from luvc_common.prompt import build_prompt_ids, check_question
+from luvc_common.models.prompt import build_prompt_ids, check_question
 
 
 @dataclass

@@ -16,7 +16,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from luvc_common.tokenizer import IMAGE_PAD, IM_END, PAD, VIDEO_PAD, VISION_END, VISION_START, build_tokenizer
+from luvc_common.models.tokenizer import IMAGE_PAD, IM_END, PAD, VIDEO_PAD, VISION_END, VISION_START, build_tokenizer
 
 FAMILIES = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration), "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
 

@@ -7,7 +7,7 @@ import math
 
 from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import Limits
-from luvc_common.media import MediaFiles, check_request_pixels, probe_image
+from luvc_common.engine.media import MediaFiles, check_request_pixels, probe_image
 from luvc_common.engine.pipeline import EncodedMedia
 from luvc_common.proto import luvc_pb2
 from luvc_common.errors import MediaError, WireError, shorten

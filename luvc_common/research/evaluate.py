@@ -41,7 +41,7 @@ SWEEP_LUVC = (OIMConfig(merge_depths=()), OIMConfig(), OIMConfig(merge_depths=(0
 
 def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
     """A held-out split as records like load_jsonl's, with the Scene as "image" (rendered on use)."""
-    from luvc_common.synthvqa import make_example
+    from luvc_common.research.synthvqa import make_example
 
     return [{"image": ex.scene, "question": ex.question, "answer": ex.answer, "task": ex.task}
             for ex in (make_example(seed, i) for i in range(n))]
@@ -49,7 +49,7 @@ def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
 
 def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
     """Exact match after normalize_answer: {"accuracy", "per_task": {task: accuracy}, "n"}."""
-    from luvc_common.synthvqa import normalize_answer
+    from luvc_common.research.synthvqa import normalize_answer
 
     hits: dict[str, list[bool]] = defaultdict(list)
     for task, pred, answer in zip(tasks, predictions, answers, strict=True):
@@ -86,8 +86,8 @@ def _runs(methods: Sequence[CompressionConfig] | Mapping[str, CompressionConfig]
 
 
 def _media(image, limits):
-    from luvc_common.media import Media, load_image
-    from luvc_common.synthvqa import Scene, render
+    from luvc_common.engine.media import Media, load_image
+    from luvc_common.research.synthvqa import Scene, render
 
     return Media("image", [render(image)]) if isinstance(image, Scene) else load_image(image, limits)
 
@@ -274,7 +274,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from luvc_common.synthvqa import load_jsonl
+    from luvc_common.research.synthvqa import load_jsonl
 
     try:
         examples = load_jsonl(args.data) if args.data else synthvqa_split()

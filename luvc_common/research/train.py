@@ -8,7 +8,7 @@ step budget binds and the run is a pure function of the seed. Checkpoints (model
 schedule, step, RNG) are written atomically to OUT/ckpt.pt, the loss log to OUT/log.jsonl;
 `--export DIR` writes a standard HF model directory (bf16 safetensors).
 
-    python -m luvc_common.train --out runs/train --steps 4000 --minutes 31 --export models/luvc-tiny-qwen2vl
+    python -m luvc_common.research.train --out runs/train --steps 4000 --minutes 31 --export models/luvc-tiny-qwen2vl
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from luvc_common.errors import ConfigError
-from luvc_common.evaluate import TEST_SEED, VALIDATION_SEED, int_at_least, positive_int
-from luvc_common.media import Media, patchify
+from luvc_common.research.evaluate import TEST_SEED, VALIDATION_SEED, int_at_least, positive_int
+from luvc_common.engine.media import Media, patchify
 from luvc_common.models.tiny import tiny_config
-from luvc_common.prompt import build_prompt_ids, chat_turn
-from luvc_common.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, jitter_scene,
+from luvc_common.models.prompt import build_prompt_ids, chat_turn
+from luvc_common.research.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, jitter_scene,
                                   label_maps, make_example, question_text, random_look, render, scene_questions)
-from luvc_common.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
+from luvc_common.models.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
 
 
 def _tasks(value: str) -> tuple[str, ...]:

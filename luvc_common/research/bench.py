@@ -27,7 +27,7 @@ from pathlib import Path
 
 from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import DEFAULT_MODEL, CompressionConfig, budget_unset, method_config, method_spec
-from luvc_common.evaluate import int_at_least, positive_int
+from luvc_common.research.evaluate import int_at_least, positive_int
 
 SHAPES = {
     "tiny": None,  # the bundled default model
@@ -56,7 +56,7 @@ def shape_checkpoint(shape: str, cache: Path) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from luvc_common.models.tiny import FAMILIES, tiny_config
-    from luvc_common.tokenizer import build_tokenizer
+    from luvc_common.models.tokenizer import build_tokenizer
 
     sizes, tokenizer = SHAPES[shape], build_tokenizer()
     text = dict(sizes["text"])
@@ -78,7 +78,7 @@ def _bench_image(size: int) -> bytes:
 
     from PIL import Image
 
-    img = Image.open(Path(__file__).resolve().parents[1] / "assets" / "demo.png").convert("RGB").resize((size, size))
+    img = Image.open(Path(__file__).resolve().parents[2] / "assets" / "demo.png").convert("RGB").resize((size, size))
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
@@ -122,7 +122,7 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
     from luvc_common.serving.launch import Service
     from luvc_common.models.loading import ModelConfig, load_model, load_tokenizer
     from luvc_common.models.qwen_language import LanguageEngine
-    from luvc_common.prompt import build_prompt_ids
+    from luvc_common.models.prompt import build_prompt_ids
     from luvc_common.proto import luvc_pb2
 
     if threads:

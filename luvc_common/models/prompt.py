@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from luvc_common.errors import PromptError, shorten
-from luvc_common.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from luvc_common.models.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 MARKS = {"image": "<image>", "video": "<video>"}
 PADS = {"image": IMAGE_PAD, "video": VIDEO_PAD}

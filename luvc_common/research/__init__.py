@@ -1,0 +1,1 @@
+"""Research code serving never imports: SynthVQA, training, evaluation and benchmarks."""
