@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from luvc_common.config import Limits, method_config
+from luvc_common.config import Limits
+
+from luvc_common.compression.methods import method_config
 from luvc_common.engine.media import Media
 from luvc_common.serving.messages import encoded_to_proto, media_files_from_proto
 from luvc_common.models.loading import ModelConfig

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from luvc_common.config import REQUEST_ID, Limits, method_config
+from luvc_common.config import REQUEST_ID, Limits
+
+from luvc_common.compression.methods import method_config
 from luvc_common.serving.messages import encoded_from_proto, uncompressed_payload_bytes
 from luvc_common.models.loading import ModelConfig
 from luvc_common.engine.pipeline import EncodedMedia, GenerateResult, TextGenerator

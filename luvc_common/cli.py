@@ -7,10 +7,12 @@ import os
 import sys
 from dataclasses import fields
 
-from luvc_common.config import DEFAULT_MODEL, METHOD_NAMES, Limits, field_docs, method_config
+from luvc_common.config import DEFAULT_MODEL, Limits, field_docs
+
+from luvc_common.compression.methods import NAMES, method_config
 from luvc_common.errors import UserError
 
-METHOD_HELP = (f"compression method: one of {', '.join(METHOD_NAMES)}; baselines take a budget, "
+METHOD_HELP = (f"compression method: one of {', '.join(NAMES)}; baselines take a budget, "
                "e.g. tome:keep=0.25 or fastv:keep=0.25,layer=0.1 (default: luvc)")
 
 

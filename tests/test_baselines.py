@@ -6,7 +6,7 @@ import torch
 import conftest
 
 from luvc_common.compression import baselines as B
-from luvc_common.config import BASELINES, LLM_BASELINES, VISION_BASELINES, method_config, method_spec
+from luvc_common.compression.methods import budgeted, get, method_config, method_spec
 from luvc_common.errors import ConfigError
 from luvc_common.compression.flops import flops_ratio, matched_keep_ratio
 from luvc_common.models.loading import ModelConfig
@@ -16,6 +16,9 @@ from luvc_common.engine.pipeline import Pipeline
 from luvc_common.models.tokenizer import build_tokenizer
 
 PROMPT = "What color is the circle?"
+BASELINES = budgeted()
+VISION_BASELINES = [m for m in BASELINES if get(m).in_encoder]
+LLM_BASELINES = [m for m in BASELINES if not get(m).in_encoder]
 
 
 def test_bipartite_matching_merges_the_most_similar_a_tokens_into_b():

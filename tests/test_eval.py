@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from luvc_common.cli import main
-from luvc_common.config import SPUConfig, budget_unset, method_config
+from luvc_common.compression.config import SPUConfig
+from luvc_common.compression.methods import budget_unset, method_config
 from luvc_common.research.evaluate import _runs, config_label, evaluate, score, synthvqa_split
 from luvc_common.compression.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
 from luvc_common.research.synthvqa import TASKS, load_jsonl, write_dataset

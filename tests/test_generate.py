@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import conftest
-from luvc_common.config import Limits, method_config
+from luvc_common.config import Limits
+from luvc_common.compression.methods import method_config
 from luvc_common.engine.media import Media, decode_image, patchify
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_language import Request

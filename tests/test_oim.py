@@ -9,7 +9,8 @@ from luvc_common.compression.oim import (
     merged_length,
     raster_to_block_major,
 )
-from luvc_common.config import OIMConfig, method_config
+from luvc_common.compression.config import OIMConfig
+from luvc_common.compression.methods import method_config
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig, load_model
 from luvc_common.models.qwen_vision import encode

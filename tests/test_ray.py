@@ -13,7 +13,7 @@ from ray import serve  # noqa: E402
 
 import conftest  # noqa: E402
 from luvc_common.client import ClientOptions, LUVCClient, image_file  # noqa: E402
-from luvc_common.config import method_config  # noqa: E402
+from luvc_common.compression.methods import method_config  # noqa: E402
 from luvc_common.serving.launch import Service, free_port  # noqa: E402
 from luvc_common.models.loading import ModelConfig  # noqa: E402
 from luvc_common.engine.pipeline import Pipeline  # noqa: E402
@@ -32,7 +32,7 @@ def encoder(tiny_qwen2vl, tmp_path_factory):
     service.stop()
 
 
-def _generate_until_ready(target: str, timeout: float = 180.0, token: str | None = None, **kwargs):
+def _generate_until_ready(target: str, timeout: float = 300.0, token: str | None = None, **kwargs):
     end = time.monotonic() + timeout
     with LUVCClient(target, ClientOptions(token=token)) as client:
         while True:

@@ -13,7 +13,8 @@ from luvc_common.compression.spu import (
     spectral_resample,
     stage_layers,
 )
-from luvc_common.config import SPUConfig, method_config
+from luvc_common.compression.config import SPUConfig
+from luvc_common.compression.methods import method_config
 from luvc_common.errors import ConfigError
 from luvc_common.models.loading import ModelConfig
 from luvc_common.engine.pipeline import Pipeline

@@ -9,7 +9,10 @@ import argparse
 import json
 from dataclasses import replace
 
-from luvc_common.config import DEFAULT_MODEL, SPUConfig, method_config
+from luvc_common.config import DEFAULT_MODEL
+
+from luvc_common.compression.config import SPUConfig
+from luvc_common.compression.methods import method_config
 from luvc_common.research.evaluate import VALIDATION_SEED, evaluate, format_table, synthvqa_split
 
 

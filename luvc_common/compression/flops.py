@@ -11,11 +11,9 @@ so padding never counts.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 
 from luvc_common.compression.grid import grid_tokens
-from luvc_common.config import LLM_BASELINES
+from luvc_common.compression.methods import get
 
 
 def _dims(text_config) -> tuple[int, int, int, int]:
@@ -69,8 +67,6 @@ def matched_keep_ratio(target_ratio: float, text_tokens: int, visual_tokens: int
 def with_matched_budget(cfg, target_ratio: float, text_tokens: int, visual_tokens: int, text_config, num_layers: int):
     """A baseline CompressionConfig with the keep ratio that gives it the theoretical FLOPs ratio
     target_ratio on a prompt of text_tokens + visual_tokens (pool: the nearest power of 1/2)."""
-    start = max(1, round(cfg.baseline.layer * num_layers)) if cfg.method in LLM_BASELINES else 0
-    k = matched_keep_ratio(target_ratio, round(text_tokens), round(visual_tokens), text_config, num_layers, start)
-    if cfg.method == "pool":
-        k = 0.5 ** max(1, round(-math.log2(k)))
-    return replace(cfg, baseline=replace(cfg.baseline, keep_ratio=round(k, 4)))
+    method = get(cfg.method)
+    start = method.first_pruned_layer(cfg, num_layers)
+    return method.budget(cfg, matched_keep_ratio(target_ratio, round(text_tokens), round(visual_tokens), text_config, num_layers, start))

@@ -12,12 +12,15 @@ from typing import Callable
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from luvc_common.config import CompressionConfig, Limits, method_spec
+from luvc_common.config import Limits
+
+from luvc_common.compression.config import CompressionConfig
+from luvc_common.compression.methods import method_spec
 from luvc_common.errors import MediaError, PromptError
 from luvc_common.engine.media import Media, MediaFiles, decode_image, patchify
 from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
 from luvc_common.models.qwen_language import LanguageEngine, Request
-from luvc_common.models.visual import VisualTokens
+from luvc_common.compression.visual import VisualTokens
 from luvc_common.models.qwen_vision import encode
 from luvc_common.models.prompt import build_prompt_ids, check_question
 

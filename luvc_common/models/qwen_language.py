@@ -1,15 +1,13 @@
-"""Qwen2-VL / Qwen2.5-VL language model run layer by layer, with the SPU cascade between layers.
+"""Qwen2-VL / Qwen2.5-VL language model run layer by layer, with a method's pruner between layers.
 
 Batching: requests are left-padded into one batch. Pruning removes a different number of tokens
-from each row, so at every SPU stage the survivors are re-packed (still left-padded) and each
+from each row, so after every pruning layer the survivors are re-packed (still left-padded) and each
 layer remembers its own padding mask; its KV cache holds exactly the tokens that reached it.
 Kept tokens keep their original M-RoPE positions; text tokens are never pruned. Nothing asks the
-attention implementation for weights, so sdpa and flash_attention_2 run every layer.
-
-The LLM-side baselines prune the same way at one layer K: DART scores with layer K-1's cached keys;
-FastV scores with layer K-1's attention weights of the last query, recomputed here from that
-layer's input and cached keys (one query row), since a fused kernel never returns weights. Nothing
-is switched on the shared model for one request. Items whose encoder kept only some grid cells (the
+attention implementation for weights, so sdpa and flash_attention_2 run every layer: a pruner that
+scores with attention (FastV) gets the last query's weights in the layer it names, recomputed here
+from that layer's input and cached keys (one query row). Nothing is switched on the shared model
+for one request. Items whose encoder kept only some grid cells (the
 vision-side baselines) get placeholders for the full grid, so M-RoPE positions are the stock ones,
 and the absent cells are dropped before the first layer.
 """
@@ -24,10 +22,11 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from luvc_common.compression import baselines, spu
-from luvc_common.config import LLM_BASELINES, CompressionConfig, SPUConfig
-from luvc_common.errors import ConfigError, PromptError
-from luvc_common.models.visual import VisualTokens
+from luvc_common.compression.config import CompressionConfig
+from luvc_common.compression.methods import get
+from luvc_common.compression.methods.base import LayerInputs, Span, gather, members
+from luvc_common.errors import PromptError
+from luvc_common.compression.visual import VisualTokens
 
 
 @dataclass
@@ -38,13 +37,6 @@ class Request:
     """Prompt ids with each media item's placeholder token repeated once per grid cell."""
     visual: VisualTokens
     """The media items' tokens, in prompt order."""
-
-
-@dataclass
-class _Span:
-    start: int
-    length: int
-    grid: tuple[int, int, int]  # LLM-token grid: (t, h / unit, w / unit)
 
 
 @dataclass
@@ -82,7 +74,7 @@ class LanguageEngine:
     def num_layers(self) -> int:
         return len(self.lm.layers)
 
-    def _spans(self, ids: Tensor, req: Request) -> list[_Span]:
+    def _spans(self, ids: Tensor, req: Request) -> list[Span]:
         is_media = torch.isin(ids, torch.tensor(list(self.media_token_types)))
         positions = is_media.nonzero().flatten().tolist()
         visual = req.visual
@@ -99,7 +91,7 @@ class LanguageEngine:
             start = positions[offset]
             if positions[offset + n - 1] != start + n - 1 or (offset + n < len(positions) and positions[offset + n] == start + n):
                 raise PromptError(f"media item {len(spans)}: its {n} placeholder tokens are not one contiguous run")
-            spans.append(_Span(start, n, (t, h // self.unit, w // self.unit)))
+            spans.append(Span(start, n, (t, h // self.unit, w // self.unit)))
             offset += n
         return spans
 
@@ -126,7 +118,7 @@ class LanguageEngine:
         for b, r in enumerate(requests):
             ids[b, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
             valid[b, width - len(r.input_ids) :] = True
-        spans = [[_Span(s.start + width - len(r.input_ids), s.length, s.grid) for s in self._spans(torch.tensor(r.input_ids), r)] for b, r in enumerate(requests)]
+        spans = [[Span(s.start + width - len(r.input_ids), s.length, s.grid) for s in self._spans(torch.tensor(r.input_ids), r)] for b, r in enumerate(requests)]
 
         hidden = self.lm.embed_tokens(ids.to(device))
         absent = torch.zeros_like(valid)
@@ -155,45 +147,28 @@ class LanguageEngine:
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
         source = torch.where(valid & ~absent, torch.arange(width).expand_as(ids), -1)
         if absent.any():  # cells the encoder dropped: their placeholders never enter a layer
-            hidden, cos, sin, source, valid = _pad_rows([_gather(hidden[b], cos[b], sin[b], source[b], source[b] >= 0) for b in range(len(requests))])
+            hidden, cos, sin, source, valid = _pad_rows([gather((hidden[b], cos[b], sin[b], source[b]), source[b] >= 0) for b in range(len(requests))])
         valid = valid.to(device)
 
-        spu_cfg = compression.spu if compression else None
-        stages = spu.stage_layers(spu_cfg.stages, self.num_layers) if spu_cfg else {}
-        baseline = compression.method if compression and compression.method in LLM_BASELINES else None
-        prune_at = self._baseline_layer(compression.baseline.layer) if baseline else None
-        item_state: dict[tuple[int, int], Tensor | tuple] = {}  # select: last low-pass; resample: grid
+        pruner = get(compression.method).pruner(compression, self.num_layers) if compression else None
         cache = DynamicCache(config=self.config.get_text_config())
         layer_valid, visual_per_layer = [], [[] for _ in requests]
         attention = None
         for i, layer in enumerate(self.lm.layers):
-            if i in stages:
-                prune = self._spu_select if spu_cfg.mode == "select" else self._spu_resample
-                rows = [prune(b, hidden[b], cos[b], sin[b], source[b], spans[b], stages[i], spu_cfg, item_state, position_ids[:, b])
-                        for b in range(len(requests))]
-                hidden, cos, sin, source, valid = _pad_rows(rows)
-            if i == prune_at:
-                scores = attention if baseline == "fastv" else self._dart_scores(cache, i - 1, hidden)
-                rows = [self._baseline_keep(b, hidden[b], cos[b], sin[b], source[b], spans[b], baseline, compression.baseline, scores)
-                        for b in range(len(requests))]
-                hidden, cos, sin, source, valid = _pad_rows(rows)
+            if pruner and i in pruner.layers:
+                inputs = LayerInputs(i, hidden, cos, sin, source, spans, position_ids, lambda k: cache.layers[k].keys,
+                                     self.lm.norm, self.lm.rotary_emb, attention)
+                hidden, cos, sin, source, valid = _pad_rows(pruner.prune(inputs))
             for b in range(len(requests)):
-                visual_per_layer[b].append(sum(len(self._members(source[b], s)) for s in spans[b]))
+                visual_per_layer[b].append(sum(len(members(source[b], s)) for s in spans[b]))
             layer_valid.append(valid)
             layer_in = hidden
             hidden = layer(hidden, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True,
                            attention_mask=self._mask(valid, hidden.shape[1], dtype))
-            if baseline == "fastv" and i == prune_at - 1:
+            if pruner and i == pruner.attention_layer:
                 attention = self._last_query_attention(layer, layer_in, cos, sin, cache.layers[i].keys, valid)
         logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
         return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
-
-    def _baseline_layer(self, depth: float) -> int:
-        """The pruning layer K of fastv / dart: at least 1, since the scores come from layer K-1."""
-        k = max(1, round(depth * self.num_layers))
-        if k >= self.num_layers:
-            raise ConfigError(f"layer={depth} resolves to layer {k} of a {self.num_layers}-layer LLM: expected < {self.num_layers}")
-        return k
 
     @staticmethod
     def _last_query_attention(layer, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
@@ -206,79 +181,6 @@ class LanguageEngine:
         keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
         logits = (q @ keys.transpose(-1, -2))[:, :, 0].float() * attn.scaling
         return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf")).softmax(-1)
-
-    def _dart_scores(self, cache: DynamicCache, layer: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """DART's inputs: layer K-1's cached keys with heads concatenated (B, L, kv_heads * head_dim),
-        and the normalised hidden states entering layer K (B, L, D)."""
-        keys = cache.layers[layer].keys
-        return keys.transpose(1, 2).flatten(2), self.lm.norm(hidden)
-
-    def _baseline_keep(self, b, hidden, cos, sin, source, spans, method: str, cfg, scores):
-        """One row: keep `keep_ratio` of each item's visual tokens by the fastv or dart criterion."""
-        keep = source >= 0
-        for s in spans:
-            members = self._members(source, s)
-            if len(members) == 0:
-                continue
-            n_keep = baselines.keep_count(s.length, cfg.keep_ratio)
-            if method == "fastv":
-                kept = baselines.fastv_keep(scores[b][:, members.to(scores.device)], min(n_keep, len(members)))
-            else:
-                keys, normed = scores[0][b], scores[1][b]
-                mine = members.to(keys.device)
-                text = (keep & (source >= s.start + s.length)).nonzero().flatten().to(keys.device)  # the prompt after the item
-                kept = baselines.dart_keep(keys[mine], keys[text], normed[mine], normed[text], min(n_keep, len(members)), *cfg.pivots)
-            drop = torch.ones(len(members), dtype=torch.bool)
-            drop[kept.cpu()] = False
-            keep[members[drop]] = False
-        return _gather(hidden, cos, sin, source, keep)
-
-    @staticmethod
-    def _members(source: Tensor, span: _Span) -> Tensor:
-        return ((source >= span.start) & (source < span.start + span.length)).nonzero().flatten()
-
-    def _spu_select(self, b, hidden, cos, sin, source, spans, ratio, cfg: SPUConfig, low_pass, _positions):
-        """One row: drop each item's tokens with the smallest high-frequency residual."""
-        keep = source >= 0
-        for j, s in enumerate(spans):
-            members = self._members(source, s)
-            if len(members) == 0:
-                continue
-            kept, low_pass[b, j] = spu.select(
-                hidden[members], (source[members] - s.start).to(hidden.device), s.grid,
-                round(ratio * s.length), cfg.cutoff, cfg.window, low_pass.get((b, j)),
-            )
-            drop = torch.ones(len(members), dtype=torch.bool)
-            drop[kept.cpu()] = False
-            keep[members[drop]] = False
-        return _gather(hidden, cos, sin, source, keep)
-
-    def _spu_resample(self, b, hidden, cos, sin, source, spans, ratio, cfg: SPUConfig, grids, positions):
-        """One row: replace each item's tokens by a smaller spectrally resampled grid of tokens, with
-        M-RoPE positions at the new cells' centres (float) in the item's original coordinates."""
-        item = torch.full_like(source, -1)
-        for j, s in enumerate(spans):
-            item[self._members(source, s)] = j
-        valid = (source >= 0).nonzero().flatten()
-        pieces, offset = [], 0
-        runs, counts = torch.unique_consecutive(item[valid], return_counts=True)
-        for j, n in zip(runs.tolist(), counts.tolist()):
-            idx = valid[offset : offset + n]
-            on_device = idx.to(hidden.device)
-            offset += n
-            if j < 0:
-                pieces.append((hidden[on_device], cos[on_device], sin[on_device], source[idx]))
-                continue
-            if ratio == 0:
-                continue
-            s = spans[j]
-            grid, new = grids.get((b, j), s.grid), spu.resampled_grid(s.grid, round(ratio * s.length))
-            grids[b, j] = new
-            x = spu.spectral_resample(hidden[on_device].view(*grid, -1), new[1:]).to(hidden.dtype)
-            pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(3, *s.grid), new[1:])
-            c, si = self.lm.rotary_emb(x[None], pos.reshape(3, 1, -1).to(hidden.device))
-            pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.start + torch.arange(x.shape[:3].numel())))
-        return tuple(torch.cat(parts) for parts in zip(*pieces))
 
     @torch.no_grad()
     def decode_step(self, state: PrefillState, tokens: Tensor) -> Tensor:
@@ -334,12 +236,6 @@ class LanguageEngine:
             logits = self.decode_step(state, next_tokens)
         t2 = time.perf_counter()
         return Generation(out, state.visual_per_layer, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-
-
-def _gather(hidden: Tensor, cos: Tensor, sin: Tensor, source: Tensor, keep: Tensor):
-    """One row's (hidden, cos, sin, source) at the positions where `keep` (on source's device) is True."""
-    idx = keep.nonzero().flatten()
-    return hidden[idx.to(hidden.device)], cos[idx.to(cos.device)], sin[idx.to(sin.device)], source[idx]
 
 
 def _pad_rows(rows: list[tuple[Tensor, Tensor, Tensor, Tensor]]):

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 from luvc_common.compression.grid import grid_tokens
-from luvc_common.config import DEFAULT_MODEL, CompressionConfig, budget_unset, method_config, method_spec
+from luvc_common.config import DEFAULT_MODEL
+from luvc_common.compression.config import CompressionConfig
+from luvc_common.compression.methods import budget_unset, method_config, method_spec
 from luvc_common.research.evaluate import int_at_least, positive_int
 
 SHAPES = {

@@ -25,14 +25,14 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from luvc_common.compression.grid import grid_tokens
-from luvc_common.config import (BASELINES, DEFAULT_MODEL, METHOD_NAMES, VISION_BASELINES, CompressionConfig,
-                                OIMConfig, budget_unset, method_config, method_spec)
+from luvc_common.config import DEFAULT_MODEL
+from luvc_common.compression.config import CompressionConfig, OIMConfig
+from luvc_common.compression.methods import NAMES, budget_unset, get, method_config, method_spec
 from luvc_common.errors import UserError
 
 VALIDATION_SEED, TEST_SEED, TEST_N = 2000, 3000, 600
 """SynthVQA's held-out splits, never trained on: make_example(seed, i). The bundled test split is
 i < 600 of seed 3000 (100 per task); validation (seed 2000) is for choosing defaults."""
-BASELINE = method_config("none")
 SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
 SWEEP_LUVC = (OIMConfig(merge_depths=()), OIMConfig(), OIMConfig(merge_depths=(0.25, 0.75)))
@@ -61,7 +61,7 @@ def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[st
 def config_label(cfg: CompressionConfig) -> str:
     """The method name for its default configuration, else `method[knob=value, ...]` naming what differs
     (baselines: their method spec, e.g. "tome:keep=0.125")."""
-    if cfg.method in BASELINES and cfg.oim is None and cfg.spu is None:
+    if get(cfg.method).budgeted:
         return method_spec(cfg)
     default, diffs = method_config(cfg.method), []
     for part in ("oim", "spu"):
@@ -79,10 +79,11 @@ def config_label(cfg: CompressionConfig) -> str:
 def _runs(methods: Sequence[CompressionConfig] | Mapping[str, CompressionConfig]) -> dict[str, CompressionConfig]:
     """Label -> config, with the uncompressed baseline first (added as "none" when missing)."""
     runs = dict(methods) if isinstance(methods, Mapping) else {config_label(c): c for c in methods}
-    base = next((label for label, c in runs.items() if c == BASELINE), None)
+    uncompressed = method_config("none")
+    base = next((label for label, c in runs.items() if c == uncompressed), None)
     if base is None and "none" in runs:
         raise ValueError('the label "none" is taken by a compressed configuration')
-    return {base or "none": BASELINE, **runs}
+    return {base or "none": uncompressed, **runs}
 
 
 def _media(image, limits):
@@ -157,13 +158,14 @@ def evaluate(
 
 
 def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]:
-    """The configs of method specs, one per spec; with sweep, every baseline at SWEEP_KEEP and luvc at SWEEP_LUVC."""
+    """The configs of method specs, one per spec; with sweep, every budgeted method at SWEEP_KEEP and every
+    method with OIM (luvc) at SWEEP_LUVC."""
     configs = []
     for spec in specs:
         cfg = method_config(spec)
-        if sweep and cfg.method in BASELINES:
+        if sweep and get(cfg.method).budgeted:
             configs += [replace(cfg, baseline=replace(cfg.baseline, keep_ratio=k)) for k in SWEEP_KEEP]
-        elif sweep and cfg.method == "luvc":
+        elif sweep and cfg.oim is not None:
             configs += [replace(cfg, oim=oim) for oim in SWEEP_LUVC]
         else:
             configs.append(cfg)
@@ -172,7 +174,8 @@ def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]
 
 def _vision_key(cfg: CompressionConfig) -> tuple:
     """Configs with equal keys get the same encoder output."""
-    return (cfg.oim, cfg.method, cfg.baseline) if cfg.method in VISION_BASELINES else (cfg.oim,)
+    method = get(cfg.method)
+    return (cfg.oim, cfg.method, cfg.baseline) if method.budgeted and method.in_encoder else (cfg.oim,)
 
 
 def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequence[CompressionConfig],
@@ -187,7 +190,7 @@ def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequ
     ref = next(r for r in report["results"] if r["method"] == "ref")
     text_config, layers = AutoConfig.from_pretrained(model_dir).text_config, len(ref["visual_tokens_per_layer"])
     return [with_matched_budget(cfg, ref["llm_flops_ratio"], report["text_tokens"], report["visual_tokens_uncompressed"], text_config, layers)
-            if cfg.method in BASELINES else cfg for cfg in methods]
+            if get(cfg.method).budgeted else cfg for cfg in methods]
 
 
 def format_table(results: list[dict]) -> str:
@@ -260,7 +263,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "relative to the file (e.g. from `luvc data synth`); default: the bundled SynthVQA test split "
                    f"(make_example({TEST_SEED}, i), i < {TEST_N}, 100 per task), generated in memory")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint directory")
-    p.add_argument("--methods", default="none,luvc", help=f"comma-separated method specs: names from {list(METHOD_NAMES)}, "
+    p.add_argument("--methods", default="none,luvc", help=f"comma-separated method specs: names from {list(NAMES)}, "
                    "baselines optionally with a budget (tome:keep=0.25); a baseline without one gets --match's FLOPs ratio")
     p.add_argument("--match", default="luvc", help="method whose theoretical LLM FLOPs ratio budget-less baselines are given")
     p.add_argument("--sweep", action="store_true", help=f"every baseline at keep ratios {list(SWEEP_KEEP)}, luvc at "

@@ -1,0 +1,83 @@
+"""LUVC: OIM merge steps between vision blocks (DESIGN 2.1), the SPU cascade between decoder layers (DESIGN 2.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from luvc_common.compression import spu
+from luvc_common.compression.config import CompressionConfig, SPUConfig
+from luvc_common.compression.methods.base import (DECODER_LAYERS, VISION_BLOCKS, LayerInputs, LayerPruner, Method, Row,
+                                                  keep_members, members)
+
+
+class SPUCascade(LayerPruner):
+    """Before each stage's layer, every media item is cut to its stage's share of its LLM-input tokens."""
+
+    def __init__(self, cfg: SPUConfig, num_layers: int):
+        self.cfg = cfg
+        self.ratios = spu.stage_layers(cfg.stages, num_layers)
+        self.layers = frozenset(self.ratios)
+        self.state: dict[tuple[int, int], object] = {}
+        """Per (row, item): the last stage's low-pass (select) or grid (resample)."""
+
+    def prune(self, inputs: LayerInputs) -> list[Row]:
+        step = self._select if self.cfg.mode == "select" else self._resample
+        return [step(inputs, b, self.ratios[inputs.layer]) for b in range(len(inputs.hidden))]
+
+    def _select(self, inputs: LayerInputs, b: int, ratio: float) -> Row:
+        """Drop each item's tokens with the smallest high-frequency residual."""
+        row = inputs.row(b)
+        hidden, source = row[0], row[3]
+
+        def choose(j, span, mine):
+            kept, self.state[b, j] = spu.select(
+                hidden[mine], (source[mine] - span.start).to(hidden.device), span.grid,
+                round(ratio * span.length), self.cfg.cutoff, self.cfg.window, self.state.get((b, j)),
+            )
+            return kept
+
+        return keep_members(row, inputs.spans[b], choose)
+
+    def _resample(self, inputs: LayerInputs, b: int, ratio: float) -> Row:
+        """Replace each item's tokens by a smaller spectrally resampled grid of tokens, with M-RoPE
+        positions at the new cells' centres (float) in the item's original coordinates."""
+        hidden, cos, sin, source = inputs.row(b)
+        spans, positions = inputs.spans[b], inputs.positions[:, b]
+        item = torch.full_like(source, -1)
+        for j, s in enumerate(spans):
+            item[members(source, s)] = j
+        valid = (source >= 0).nonzero().flatten()
+        pieces, offset = [], 0
+        runs, counts = torch.unique_consecutive(item[valid], return_counts=True)
+        for j, n in zip(runs.tolist(), counts.tolist()):
+            idx = valid[offset : offset + n]
+            on_device = idx.to(hidden.device)
+            offset += n
+            if j < 0:
+                pieces.append((hidden[on_device], cos[on_device], sin[on_device], source[idx]))
+                continue
+            if ratio == 0:
+                continue
+            s = spans[j]
+            grid, new = self.state.get((b, j), s.grid), spu.resampled_grid(s.grid, round(ratio * s.length))
+            self.state[b, j] = new
+            x = spu.spectral_resample(hidden[on_device].view(*grid, -1), new[1:]).to(hidden.dtype)
+            pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(3, *s.grid), new[1:])
+            c, si = inputs.rotary(x[None], pos.reshape(3, 1, -1).to(hidden.device))
+            pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.start + torch.arange(x.shape[:3].numel())))
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
+
+
+@dataclass(frozen=True)
+class LUVC(Method):
+    acts: tuple[str, ...] = (VISION_BLOCKS, DECODER_LAYERS)
+
+    def config(self, **knobs) -> CompressionConfig:
+        return CompressionConfig(method=self.name)
+
+    def pruner(self, cfg: CompressionConfig, num_layers: int) -> SPUCascade | None:
+        return SPUCascade(cfg.spu, num_layers) if cfg.spu else None
+
+
+METHOD = LUVC("luvc")
