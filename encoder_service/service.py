@@ -2,36 +2,20 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from PIL import Image
 
-from luvc_common.config import Limits
+from encoder_service.config import EncoderConfig
 
 from luvc_common.compression.methods import method_config
 from luvc_common.engine.media import Media
 from luvc_common.serving.messages import encoded_to_proto, media_files_from_proto
-from luvc_common.models.loading import ModelConfig
 from luvc_common.engine.pipeline import VisionEncoder
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
 from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServicerBase, get_logger, log
 from luvc_common.serving.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """What the encoder serves and with which defaults."""
-
-    model: ModelConfig = ModelConfig()
-    """Checkpoint (only its vision tower and projector are loaded)."""
-    limits: Limits = Limits()
-    """Per-request media limits."""
-    default_method: str = "luvc"
-    """Compression method when a request names none."""
-    default_wire_dtype: str = "BF16"
-    """Wire dtype of the returned tokens when a request names none."""
 
 
 class EncoderService:

@@ -1,15 +1,17 @@
 """The LLM stage as a Ray Serve application (builder for serve.yaml, and `luvc serve llm --ray`)."""
 from __future__ import annotations
 
-from llm_service.service import LLMConfig, LLMServicer
+from llm_service.config import LLMConfig
+from llm_service.service import LLMServicer
 from luvc_common.errors import ConfigError
 from luvc_common.serving.ray import configs_from_args, deployment, run_on_ray
 from luvc_common.serving.runtime import ServerConfig
 
 
 def llm_app(args: dict, config: LLMConfig | None = None, server: ServerConfig | None = None):
-    """Builder: args encoder (host:port, required), model, encoder_application, encoder_token,
-    encoder_tls_ca, default_method, any Limits field, auth_token, max_queue, grace_s, and autoscaling /
+    """Builder: args named like `luvc serve llm`'s flags (encoder (host:port, required), model, dtype,
+    device, attn_implementation, encoder_application, encoder_token, encoder_tls_ca, default_method,
+    default_max_new_tokens, wire_dtype, any Limits field), auth_token, max_queue, grace_s, and autoscaling /
     actor overrides (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,
     downscale_delay_s, num_gpus, num_cpus, max_ongoing_requests). `luvc serve llm --ray` passes its
     own config objects instead of the config args."""

@@ -4,16 +4,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from luvc_common.config import REQUEST_ID, Limits
+from llm_service.config import LLMConfig
+from luvc_common.config import REQUEST_ID
 
 from luvc_common.compression.methods import method_config
 from luvc_common.serving.messages import encoded_from_proto, uncompressed_payload_bytes
-from luvc_common.models.loading import ModelConfig
 from luvc_common.engine.pipeline import EncodedMedia, GenerateResult, TextGenerator
 from luvc_common.errors import PromptError, shorten
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
@@ -21,30 +20,6 @@ from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServiceError, 
 from luvc_common.serving.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """What the LLM service serves, where its encoder is, and its defaults."""
-
-    encoder: str = "127.0.0.1:50052"
-    """host:port of the encoder service, called when a request carries media."""
-    model: ModelConfig = ModelConfig()
-    """Checkpoint (only its language model is loaded)."""
-    limits: Limits = Limits()
-    """Per-request limits."""
-    default_method: str = "luvc"
-    """Compression method when a request names none."""
-    default_wire_dtype: str = "BF16"
-    """Encoder -> LLM token dtype when a request names none."""
-    default_max_new_tokens: int = 64
-    """Tokens generated when a request names no max_new_tokens."""
-    encoder_tls_ca: str | None = None
-    """PEM CA bundle to verify a TLS encoder; None = plaintext channel."""
-    encoder_token: str | None = None
-    """Bearer token sent to the encoder."""
-    encoder_application: str | None = None
-    """Ray Serve application name of the encoder, when it runs behind Ray's gRPC proxy."""
 
 
 class LLMService:

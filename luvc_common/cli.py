@@ -5,9 +5,8 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 
-from luvc_common.config import DEFAULT_MODEL, Limits, field_docs
+from luvc_common.config import DEFAULT_MODEL, Limits, ModelConfig, build, leaves
 
 from luvc_common.compression.methods import NAMES, method_config
 from luvc_common.errors import UserError
@@ -16,41 +15,26 @@ METHOD_HELP = (f"compression method: one of {', '.join(NAMES)}; baselines take a
                "e.g. tome:keep=0.25 or fastv:keep=0.25,layer=0.1 (default: luvc)")
 
 
-def _config_args(p: argparse.ArgumentParser, cls: type, env_prefix: str | None = None) -> None:
-    """One flag per field of the config dataclass `cls` (--max-media, ...): its type the default's, its
-    help the field's docstring, its default from the environment when set there (a field's `env`
-    metadata, or env_prefix + NAME: how docker-compose passes them); `cli_required` metadata makes it
-    required. The dataclass validates the values."""
-    docs = field_docs(cls)
-    for f in fields(cls):
-        env = f.metadata.get("env") or (f"{env_prefix}{f.name.upper()}" if env_prefix else None)
-        kind = type(f.default) if f.default is not None else str
-        required = f.metadata.get("cli_required", False)
-        note = "required" if required else f"default {f.default}" + (f"; env {env}" if env else "")
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=os.environ.get(env, f.default) if env else f.default,
-                       required=required, help=f"{docs[f.name]} ({note})")
-
-
-def _config(cls: type, args: argparse.Namespace):
-    """The config dataclass `cls` from the flags _config_args made for it."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint directory")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    p.add_argument("--device", default="auto", help="torch device or auto")
+def _config_args(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per leaf of the config tree `cls` (--max-media, --model, ...): its type the default's, its
+    help the field's docstring, its default from the environment when set there (how docker-compose
+    passes them); `cli_required` metadata makes it required. The dataclasses validate the values."""
+    for leaf in leaves(cls):
+        default = leaf.field.default
+        required = leaf.field.metadata.get("cli_required", False)
+        note = "required" if required else f"default {default}" + (f"; env {leaf.env}" if leaf.env else "")
+        p.add_argument("--" + leaf.name.replace("_", "-"), type=leaf.kind, default=os.environ.get(leaf.env, default) if leaf.env else default,
+                       required=required, help=f"{leaf.doc} ({note})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from luvc_common.engine.media import load_image, load_video_dir
-    from luvc_common.models.loading import ModelConfig
     from luvc_common.engine.pipeline import Pipeline
 
     limits = Limits()
     media = [load_image(p, limits) for p in args.image] + ([load_video_dir(args.video, limits)] if args.video else [])
     compression = method_config(args.method)
-    pipeline = Pipeline(ModelConfig(args.model, args.dtype, args.device), limits)
+    pipeline = Pipeline(build(ModelConfig, vars(args)), limits)
     result = pipeline.generate(media, args.prompt, compression, args.max_new_tokens)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -65,38 +49,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_config(args: argparse.Namespace):
+def cmd_serve_encoder(args: argparse.Namespace) -> int:
+    from encoder_service.config import EncoderConfig
+    from encoder_service.service import EncoderServicer
     from luvc_common.serving.runtime import ServerConfig
 
-    return _config(ServerConfig, args)
-
-
-def cmd_serve_encoder(args: argparse.Namespace) -> int:
-    from encoder_service.service import EncoderConfig, EncoderServicer
-    from luvc_common.models.loading import ModelConfig
-
-    config = EncoderConfig(ModelConfig(args.model, args.dtype, args.device), _config(Limits, args), default_wire_dtype=args.wire_dtype)
-    EncoderServicer.run(config, _server_config(args))
+    EncoderServicer.run(build(EncoderConfig, vars(args)), build(ServerConfig, vars(args)))
     return 0
 
 
 def cmd_serve_llm(args: argparse.Namespace) -> int:
     """The same LLMConfig and ServerConfig for the plain server and for Ray Serve."""
-    from llm_service.service import LLMConfig
-    from luvc_common.models.loading import ModelConfig
+    from llm_service.config import LLMConfig
+    from luvc_common.serving.runtime import ServerConfig
 
-    config = LLMConfig(
-        encoder=args.encoder, model=ModelConfig(args.model, args.dtype, args.device), limits=_config(Limits, args),
-        default_wire_dtype=args.wire_dtype, encoder_tls_ca=args.encoder_tls_ca, encoder_token=args.encoder_token,
-    )
+    config, server = build(LLMConfig, vars(args)), build(ServerConfig, vars(args))
     if args.ray:
         from llm_service.ray_app import run_llm_on_ray
 
-        run_llm_on_ray(config, _server_config(args))
+        run_llm_on_ray(config, server)
     else:
         from llm_service.service import LLMServicer
 
-        LLMServicer.run(config, _server_config(args))
+        LLMServicer.run(config, server)
     return 0
 
 
@@ -194,26 +169,24 @@ def _add_generate(sub) -> None:
     g.add_argument("--method", default="luvc", help=METHOD_HELP)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    _model_args(g)
+    _config_args(g, ModelConfig)
     g.set_defaults(func=cmd_generate)
 
 
 def _add_serve(sub) -> None:
-    """`serve encoder|llm`: the same flags for both, and for the plain server and --ray alike."""
+    """`serve encoder|llm`: flags generated from each service's config tree and ServerConfig, the same for
+    the plain server and --ray."""
+    from encoder_service.config import EncoderConfig
+    from llm_service.config import LLMConfig
     from luvc_common.serving.runtime import ServerConfig
 
     serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="service", required=True)
-    for name, func in (("encoder", cmd_serve_encoder), ("llm", cmd_serve_llm)):
+    for name, config, func in (("encoder", EncoderConfig, cmd_serve_encoder), ("llm", LLMConfig, cmd_serve_llm)):
         p = serve.add_parser(name, help=f"the {name} service")
         _config_args(p, ServerConfig)
+        _config_args(p, config)
         if name == "llm":
-            p.add_argument("--encoder", required=True, metavar="HOST:PORT")
-            p.add_argument("--encoder-tls-ca", help="CA bundle to verify a TLS encoder")
-            p.add_argument("--encoder-token", default=os.environ.get("LUVC_ENCODER_TOKEN"), help="bearer token for the encoder")
             p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (RAY_ADDRESS or a local instance) behind its gRPC proxy")
-        p.add_argument("--wire-dtype", default="BF16", choices=["BF16", "FP16", "FP32"])
-        _model_args(p)
-        _config_args(p, Limits, env_prefix="LUVC_")
         p.set_defaults(func=func)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,52 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant)}
 
 
-def from_args(cls: type, args: dict[str, Any], **fixed: Any):
-    """A config dataclass from loose key/value args (a Ray Serve builder's YAML args): each value is
-    converted to its field's default type; unknown keys are ignored here and checked by the caller."""
-    values = {}
+@dataclass(frozen=True)
+class Leaf:
+    """One scalar field of a config tree, as a flag and a builder arg see it."""
+
+    name: str
+    """Flag / arg name: the field's `flag` metadata, else its name (--max-media, max_media)."""
+    path: tuple[str, ...]
+    """Field names from the root to this field."""
+    field: Field
+    env: str | None
+    """Environment variable that overrides the default: the field's `env` metadata, or the `env_prefix`
+    metadata of an enclosing field + NAME (LUVC_MAX_MEDIA)."""
+    doc: str
+
+    @property
+    def kind(self) -> type:
+        return type(self.field.default) if self.field.default not in (None, MISSING) else str
+
+
+def leaves(cls: type, path: tuple[str, ...] = (), env_prefix: str | None = None) -> list[Leaf]:
+    """The scalar fields of a config dataclass tree (nested config dataclasses flattened), names unique."""
+    out, docs = [], field_docs(cls)
     for f in fields(cls):
-        if f.name in args and f.name not in fixed:
-            kind = type(f.default) if f.default not in (None, MISSING) else str
-            values[f.name] = kind(args[f.name])
-    return cls(**values, **fixed)
+        if is_dataclass(type(f.default)) and not isinstance(f.default, type):
+            out += leaves(type(f.default), (*path, f.name), f.metadata.get("env_prefix", env_prefix))
+        else:
+            env = f.metadata.get("env") or (f"{env_prefix}{f.name.upper()}" if env_prefix else None)
+            out.append(Leaf(f.metadata.get("flag", f.name), (*path, f.name), f, env, docs[f.name]))
+    names = [leaf.name for leaf in out]
+    assert len(names) == len(set(names)), f"{cls.__name__}: repeated leaf names {names}"
+    return out
+
+
+def build(cls: type, values: dict[str, Any]):
+    """A config dataclass tree from leaf-name -> value (a CLI namespace, a Ray Serve builder's YAML args):
+    each value is converted to its field's default type; leaves absent from `values` keep their defaults."""
+    kwargs = {}
+    for f in fields(cls):
+        if is_dataclass(type(f.default)) and not isinstance(f.default, type):
+            kwargs[f.name] = build(type(f.default), values)
+        else:
+            name = f.metadata.get("flag", f.name)
+            if values.get(name) is not None:
+                kind = type(f.default) if f.default not in (None, MISSING) else str
+                kwargs[f.name] = kind(values[name])
+    return cls(**kwargs)
 
 
 def check_field(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -79,3 +116,21 @@ class Limits:
         limit = getattr(self, field_name)
         if n > limit:
             raise MediaError(f"{what}: {n} exceeds {field_name}={limit}")
+
+
+WIRE_DTYPES = ("BF16", "FP16", "FP32")
+"""Dtypes visual tokens can cross the wire in (serving/wire.py)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where a model comes from and how it runs."""
+
+    path: str = field(default=str(DEFAULT_MODEL), metadata={"flag": "model"})
+    """Local HF checkpoint directory (config.json, *.safetensors, tokenizer, preprocessor config)."""
+    dtype: str = "auto"
+    """Compute dtype: float32, bfloat16, float16, or auto (bfloat16 on GPU, float32 on CPU)."""
+    device: str = "auto"
+    """torch device (cpu, cuda, cuda:N), or auto (cuda when available, else cpu)."""
+    attn_implementation: str = "auto"
+    """transformers attention implementation; auto = flash_attention_2 on GPU when installed, else sdpa."""

@@ -9,9 +9,10 @@ from luvc_common.compression import baselines as B
 from luvc_common.compression.methods import budgeted, get, method_config, method_spec
 from luvc_common.errors import ConfigError
 from luvc_common.compression.flops import flops_ratio, matched_keep_ratio
-from luvc_common.models.loading import ModelConfig
-from luvc_common.models.tiny import save_random_checkpoint, tiny_config
-from luvc_common.models.qwen_language import Request
+from luvc_common.config import ModelConfig
+from luvc_common.models.family import get_family
+from luvc_common.models.tiny import save_random_checkpoint
+from luvc_common.engine.language import Request
 from luvc_common.engine.pipeline import Pipeline
 from luvc_common.models.tokenizer import build_tokenizer
 
@@ -80,7 +81,8 @@ def test_random_keep_is_reproducible_and_uniform_without_replacement():
 
 @pytest.mark.parametrize("start", [0, 1, 5])
 def test_matched_keep_ratio_hits_the_target(start):
-    text = tiny_config("qwen2_vl", build_tokenizer(), text_layers=8).text_config
+    qwen2_vl = get_family("qwen2_vl")
+    text = qwen2_vl.tiny_config(build_tokenizer(qwen2_vl.chat), text_layers=8).text_config
     k = matched_keep_ratio(2.0, 30, 400, text, 8, start)
     base = [430] * 8
     got = flops_ratio(base, base[:start] + [30 + round(k * 400)] * (8 - start), text)
@@ -164,15 +166,13 @@ def test_fastv_never_asks_the_kernel_for_attention_weights(tiny_qwen2vl, demo_im
 
 def test_fastv_scores_equal_eager_attention_weights(tiny_qwen2vl, demo_image, monkeypatch):
     """The recomputed last-query row equals what eager attention returns in layer K-1."""
-    from luvc_common.models.qwen_language import LanguageEngine
-
     pipe = Pipeline(ModelConfig(tiny_qwen2vl, attn_implementation="eager"))
     engine = pipe.generator.engine
     encoded = pipe.encoder.encode([demo_image], None)
     ids = pipe.generator.prompt_ids(PROMPT, encoded)
     eager, recomputed = [], []
-    original = LanguageEngine._last_query_attention
-    monkeypatch.setattr(LanguageEngine, "_last_query_attention", staticmethod(lambda *a: recomputed.append(original(*a)) or recomputed[-1]))
+    original = engine.family.last_query_attention
+    monkeypatch.setattr(engine.family, "last_query_attention", lambda *a: recomputed.append(original(*a)) or recomputed[-1])
     hook = engine.lm.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: eager.append(out[1][:, :, -1].float()))
     try:  # K = round(0.5 * 4) = 2: scores from layer 1
         engine.prefill([Request(ids, encoded)], method_config("fastv:keep=0.5,layer=0.5"))

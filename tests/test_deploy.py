@@ -57,8 +57,8 @@ def test_ray_serve_config_matches_rays_schema_and_imports():
         (deployment,) = app.deployments
         assert deployment.autoscaling_config["max_replicas"] > deployment.autoscaling_config["min_replicas"]
     from luvc_common.serving.ray import configs_from_args
-    from encoder_service.service import EncoderConfig
-    from llm_service.service import LLMConfig
+    from encoder_service.config import EncoderConfig
+    from llm_service.config import LLMConfig
     encoder_args, llm_args = (app.args for app in schema.applications)
     assert configs_from_args(encoder_args, EncoderConfig)[0].limits.max_vit_patches == encoder_args["max_vit_patches"]
     config, server = configs_from_args(llm_args, LLMConfig)
@@ -69,7 +69,7 @@ def test_ray_builders_refuse_unknown_args_and_take_tokens_from_the_environment(m
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from luvc_common.errors import ConfigError
     from luvc_common.serving.ray import configs_from_args
-    from llm_service.service import LLMConfig
+    from llm_service.config import LLMConfig
 
     with pytest.raises(ConfigError, match="max_promt_tokens"):
         configs_from_args({"encoder": "e:1", "max_promt_tokens": 10}, LLMConfig)
@@ -101,6 +101,7 @@ def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(
     values = {"--host": "0.0.0.0", "--port": "7001", "--encoder": "enc:9", "--encoder-tls-ca": "/ca.pem", "--encoder-token": "et",
               "--wire-dtype": "FP16", "--max-message-mb": "3", "--max-queue": "5", "--grace-s": "7.5", "--health-interval-s": "0.5",
               "--auth-token": "at", "--model": "/m", "--dtype": "float16", "--device": "cpu",
+              "--attn-implementation": "eager", "--default-method": "fastv", "--default-max-new-tokens": "9", "--encoder-application": "enc",
               "--max-media": "2", "--max-image-pixels": "1001", "--max-frames": "3", "--max-request-pixels": "1002",
               "--max-vit-patches": "1003", "--max-prompt-chars": "1004", "--max-prompt-tokens": "1005", "--max-new-tokens": "6"}
     parser_flags = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["serve"]._subparsers._group_actions[0]

@@ -11,8 +11,9 @@ from luvc_common.config import Limits
 from luvc_common.compression.methods import method_config
 from luvc_common.errors import MediaError, ModelLoadError, PromptError
 from luvc_common.engine.media import decode_image, load_image, load_video_dir
-from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.models.qwen_language import Request
+from luvc_common.config import ModelConfig
+from luvc_common.models.loading import load_model
+from luvc_common.engine.language import Request
 from luvc_common.compression.visual import VisualTokens
 from luvc_common.engine.pipeline import Pipeline
 

@@ -11,9 +11,10 @@ from PIL import Image
 import conftest
 from luvc_common.config import Limits
 from luvc_common.compression.methods import method_config
-from luvc_common.engine.media import Media, decode_image, patchify
-from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.models.qwen_language import Request
+from luvc_common.engine.media import Media, decode_image
+from luvc_common.config import ModelConfig
+from luvc_common.models.loading import load_model
+from luvc_common.engine.language import Request
 from luvc_common.engine.pipeline import Pipeline
 
 
@@ -36,7 +37,7 @@ def _odd_image() -> Media:
 
 
 def _stock_generate(stock, pipeline, media, ids, steps):
-    pixels, grids = patchify(media, pipeline.encoder.image_processor)
+    pixels, grids = pipeline.encoder.family.patchify(media, pipeline.encoder.image_processor)
     counts = grids.prod(1).tolist()
     parts = pixels.split(counts)
     kind = [m.kind for m in media]

@@ -12,14 +12,16 @@ from luvc_common.compression.oim import (
 from luvc_common.compression.config import OIMConfig
 from luvc_common.compression.methods import method_config
 from luvc_common.errors import ConfigError
-from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.models.qwen_vision import encode
+from luvc_common.config import ModelConfig
+from luvc_common.models.loading import load_model
+from luvc_common.engine.pipeline import encode
+from luvc_common.models.family import family_of
 from transformers.vision_utils import get_vision_position_ids
 
 
 def _encode(visual, pixels, grids, oim=None):
     """(projector output, merged grids) of the tower with OIM steps `oim` (None: no merging)."""
-    out = encode(visual, pixels, grids, method_config("luvc", oim=oim, spu=None))
+    out = encode(visual.luvc_tower, pixels, grids, method_config("luvc", oim=oim, spu=None))
     return out.embeds, torch.tensor(out.grids)
 
 
@@ -93,7 +95,12 @@ def test_merged_length_never_keeps_more_than_half():
 
 @pytest.fixture(scope="module")
 def visual(tiny_model):
-    return load_model(ModelConfig(tiny_model), "vision").model.visual
+    """The stock vision tower module, with the family's tower view of it as `.luvc_tower`."""
+    model = load_model(ModelConfig(tiny_model), "vision")
+    family = family_of(model.config)
+    visual = family.vision(model)
+    visual.luvc_tower = family.tower(visual)
+    return visual
 
 
 GRIDS = torch.tensor([[1, 16, 16], [1, 18, 26], [2, 8, 12]])

@@ -15,7 +15,7 @@ import conftest  # noqa: E402
 from luvc_common.client import ClientOptions, LUVCClient, image_file  # noqa: E402
 from luvc_common.compression.methods import method_config  # noqa: E402
 from luvc_common.serving.launch import Service, free_port  # noqa: E402
-from luvc_common.models.loading import ModelConfig  # noqa: E402
+from luvc_common.config import ModelConfig  # noqa: E402
 from luvc_common.engine.pipeline import Pipeline  # noqa: E402
 from llm_service.ray_app import llm_app  # noqa: E402
 from luvc_common.serving.ray import SERVICER_FUNCTIONS  # noqa: E402

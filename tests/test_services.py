@@ -14,7 +14,7 @@ from PIL import Image
 import conftest
 from luvc_common.client import ClientOptions, LUVCClient, image_file, video_dir
 from luvc_common.compression.methods import method_config
-from luvc_common.models.loading import ModelConfig
+from luvc_common.config import ModelConfig
 from luvc_common.engine.pipeline import Pipeline
 from luvc_common.proto import luvc_pb2
 from luvc_common.serving.wire import to_wire

@@ -16,7 +16,7 @@ from luvc_common.compression.spu import (
 from luvc_common.compression.config import SPUConfig
 from luvc_common.compression.methods import method_config
 from luvc_common.errors import ConfigError
-from luvc_common.models.loading import ModelConfig
+from luvc_common.config import ModelConfig
 from luvc_common.engine.pipeline import Pipeline
 
 
@@ -109,7 +109,7 @@ def test_counts_follow_schedule_and_text_is_untouched(pipeline, demo_image, demo
 
 
 def _request(ids, encoded):
-    from luvc_common.models.qwen_language import Request
+    from luvc_common.engine.language import Request
 
     return Request(ids, encoded)
 

@@ -10,9 +10,10 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from luvc_common.cli import main
 from luvc_common.errors import ConfigError
-from luvc_common.models.loading import ModelConfig, load_model
-from luvc_common.engine.media import Media, patchify
-from luvc_common.research.train import (Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer, encode_example, evaluate,
+from luvc_common.config import ModelConfig
+from luvc_common.models.loading import load_model
+from luvc_common.engine.media import Media
+from luvc_common.research.train import (FAMILY, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer, encode_example, evaluate,
                                image_processor, load_checkpoint, make_batch, recipe_at, score, token_labels, train)
 from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, Bar, Look, Scene, Shape, answer_for, jitter_scene, make_example, question_text,
                                   random_look, render, scene_questions)
@@ -27,7 +28,7 @@ def args_for(*extra: str) -> argparse.Namespace:
 
 
 def test_loss_falls_on_a_fixed_batch():
-    args, tokenizer = args_for(), build_tokenizer()
+    args, tokenizer = args_for(), build_tokenizer(FAMILY.chat)
     model = build_model(args, tokenizer)
     batch, _ = make_batch(args.seed, range(4), tokenizer, image_processor(args.max_pixels))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -42,7 +43,7 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def test_validation_scores_agree_with_the_training_loss(tmp_path):
-    args, tokenizer = args_for(), build_tokenizer()
+    args, tokenizer = args_for(), build_tokenizer(FAMILY.chat)
     model = build_model(args, tokenizer)
     batch, tasks = make_batch(2000, range(6), tokenizer, image_processor(args.max_pixels))
     hits, losses = score(model, batch)
@@ -58,7 +59,7 @@ def test_validation_scores_agree_with_the_training_loss(tmp_path):
 
 
 def test_extra_questions_are_further_turns_about_the_same_image():
-    tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(112 * 112)
     for index in range(6):  # one example of each task
         one, many = (encode_example(1000, index, tokenizer, processor, Recipe(questions=q)) for q in (1, 4))
         n = len(one["ids"])
@@ -77,7 +78,7 @@ def test_extra_questions_are_further_turns_about_the_same_image():
 
 
 def test_recipe_tasks_distractors_and_side():
-    tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(112 * 112)
     _, tasks = make_batch(1000, range(6), tokenizer, processor, Recipe(tasks=("color", "chart")))
     assert tasks == ["color", "chart"] * 3
     easy = [make_example(1000, i, "shape", max_distractors=0) for i in range(12)]
@@ -112,7 +113,7 @@ def test_resume_continues_exactly(tmp_path, aux):
     train(args_for("--out", str(tmp_path / "b"), "--steps", "2", *const))
     saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     args = args_for("--steps", "4", *const)
-    model = build_model(args, build_tokenizer())
+    model = build_model(args, build_tokenizer(FAMILY.chat))
     probe = [VisionProbe(model)] if aux else []
     opt = build_optimizer(model, args, *probe)
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), *probe) == 2
@@ -133,7 +134,7 @@ def test_resume_continues_exactly(tmp_path, aux):
 def test_token_labels_line_up_with_the_merged_token_grid():
     """A 336x224 scene resized to 224 x 140 px (8 x 5 merged tokens of 28 px): each label sits where the object is."""
     scene = Scene(336, 224, (240, 240, 240), objects=(Shape("square", "blue", 80, 67, 20), Shape("circle", "red", 250, 170, 15)))
-    _, grid = patchify([Media("image", [render(scene)])], image_processor(224 * 168))
+    _, grid = FAMILY.patchify([Media("image", [render(scene)])], image_processor(224 * 168))
     assert grid.tolist() == [[1, 10, 16]]
     color, shape, char, tallest, centre = (token_labels(scene, Look(), grid)[:, i].reshape(5, 8) for i in range(5))
     blue, red = 1 + list(COLORS).index("blue"), 1 + list(COLORS).index("red")
@@ -163,18 +164,18 @@ def test_the_vision_probe_trains_but_is_not_exported(tmp_path):
 
 
 def test_rope_flags_reach_the_exported_config():
-    config = build_model(args_for("--rope-theta", "10", "--mrope-section", "4,14,14"), build_tokenizer()).config.text_config
+    config = build_model(args_for("--rope-theta", "10", "--mrope-section", "4,14,14"), build_tokenizer(FAMILY.chat)).config.text_config
     assert config.rope_parameters["rope_theta"] == 10.0 and config.rope_parameters["mrope_section"] == [4, 14, 14]
 
 
 def test_augmentation_is_for_training_only():
     """The held-out splits (and every Recipe() batch) are drawn in the default look; --augment changes training pixels only."""
-    tokenizer, processor = build_tokenizer(), image_processor(112 * 112)
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(112 * 112)
     assert recipe_at(args_for(), 0).augment is False and recipe_at(args_for("--augment"), 0).augment is True
     for seed in (2000, 3000):
         ex = make_example(seed, 0)
         plain = encode_example(seed, 0, tokenizer, processor)["pixels"]
-        assert torch.equal(plain, patchify([Media("image", [render(ex.scene)])], processor)[0])
+        assert torch.equal(plain, FAMILY.patchify([Media("image", [render(ex.scene)])], processor)[0])
     assert Look().palette == COLORS and Look().font is None
     plain, varied = (encode_example(1000, 0, tokenizer, processor, Recipe(augment=a)) for a in (False, True))
     assert varied["ids"] == plain["ids"] and not torch.equal(varied["pixels"], plain["pixels"])

@@ -1,4 +1,4 @@
-"""Probe, decode and patchify images and videos for a Qwen-VL vision tower.
+"""Probe and decode images and videos (a family patchifies them: models/family.py).
 
 Hostile input is bounded in two passes. `probe_image` reads only a file's header (an allow-listed
 format, its size and aspect ratio), so a whole request is checked against Limits before any pixel
@@ -11,9 +11,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
 
 from luvc_common.config import FRAME_SUFFIXES, Limits
 from luvc_common.errors import MediaError, shorten
@@ -127,27 +125,3 @@ def load_video_dir(path: str | Path, limits: Limits) -> Media:
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
     limits.check_count("max_frames", len(files), f"{path} frames")  # before reading any file
     return video_from_frames([f.read_bytes() for f in files], limits, str(path))
-
-
-def patchify(media: list[Media], image_processor) -> tuple[Tensor, Tensor]:
-    """Flattened patches and (t, h, w) patch grids of all items, in order, as the vision tower wants.
-
-    Images go through the image processor unchanged. A video's frames are each processed as an
-    image (which repeats the frame over the temporal patch) and consecutive frames are then
-    interleaved into temporal patches; an odd last group repeats the last frame, as Qwen-VL does.
-    """
-    tp = image_processor.temporal_patch_size
-    pixels, grids = [], []
-    for item in media:
-        processed = [image_processor(images=f, return_tensors="pt") for f in item.frames]
-        if item.kind == "image":
-            pixels.append(processed[0]["pixel_values"])
-            grids.append(processed[0]["image_grid_thw"][0])
-            continue
-        per_frame = [p["pixel_values"].view(len(p["pixel_values"]), 3, tp, -1)[:, :, 0] for p in processed]
-        per_frame += per_frame[-1:] * (-len(per_frame) % tp)
-        groups = [torch.stack(per_frame[i : i + tp], dim=2).flatten(1) for i in range(0, len(per_frame), tp)]
-        pixels.append(torch.cat(groups))
-        _, h, w = processed[0]["image_grid_thw"][0].tolist()
-        grids.append(torch.tensor([len(groups), h, w]))
-    return torch.cat(pixels), torch.stack(grids)

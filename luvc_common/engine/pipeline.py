@@ -10,18 +10,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from luvc_common.config import Limits
 
 from luvc_common.compression.config import CompressionConfig
-from luvc_common.compression.methods import method_spec
-from luvc_common.errors import MediaError, PromptError
-from luvc_common.engine.media import Media, MediaFiles, decode_image, patchify
-from luvc_common.models.loading import ModelConfig, load_image_processor, load_model, load_tokenizer
-from luvc_common.models.qwen_language import LanguageEngine, Request
+from luvc_common.compression.methods import get, method_spec
+from luvc_common.compression.methods.base import VisionTower
 from luvc_common.compression.visual import VisualTokens
-from luvc_common.models.qwen_vision import encode
+from luvc_common.engine.language import LanguageEngine, Request
+from luvc_common.engine.media import Media, MediaFiles, decode_image
+from luvc_common.errors import MediaError, PromptError
+from luvc_common.models.family import family_of
+from luvc_common.config import ModelConfig
+from luvc_common.models.loading import load_image_processor, load_model, load_tokenizer
 from luvc_common.models.prompt import build_prompt_ids, check_question
 
 
@@ -57,23 +58,36 @@ class GenerateResult:
         return asdict(self)
 
 
+@torch.no_grad()
+def encode(tower: VisionTower, pixel_values: torch.Tensor, grid_thw: torch.Tensor, compression: CompressionConfig | None = None,
+           check: Callable[[], None] = lambda: None) -> VisualTokens:
+    """The vision tower and its projector with the compression method's encoder part; check() runs
+    between blocks (it raises to stop a cancelled request).
+
+    pixel_values: the image processor's flattened patches for all media items, in order;
+    grid_thw: (n_items, 3) their patch grids.
+    """
+    method = get(compression.method if compression else "none")
+    return method.encode(tower, tower.embed(pixel_values, grid_thw), compression or method.config(), check)
+
+
 class VisionEncoder:
     def __init__(self, model_cfg: ModelConfig):
-        self.visual = load_model(model_cfg, "vision").model.visual
+        model = load_model(model_cfg, "vision")
+        self.family = family_of(model.config)
+        self.visual = self.family.vision(model)
+        self.tower = self.family.tower(self.visual)
         self.image_processor = load_image_processor(model_cfg.path)
-        self.unit = self.visual.spatial_merge_size
+        self.unit = self.tower.unit
 
     def planned_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) the image processor resizes an image of this size to."""
-        p = self.image_processor
-        h, w = smart_resize(height, width, factor=p.patch_size * p.merge_size, min_pixels=p.size["shortest_edge"],
-                            max_pixels=p.size["longest_edge"])
-        return w, h
+        return self.family.planned_size(self.image_processor, width, height)
 
     def check_patches(self, items: list[MediaFiles], limits: Limits) -> None:
         """Refuse a request whose media would make more than limits.max_vit_patches patches: from
         the headers, before anything is decoded."""
-        tp, patch = self.image_processor.temporal_patch_size, self.image_processor.patch_size
+        tp, patch = self.family.patch_size(self.image_processor)
         total = 0
         for item in items:
             w, h = self.planned_size(item.frames[0].width, item.frames[0].height)
@@ -99,9 +113,9 @@ class VisionEncoder:
         """check() runs between vision blocks (it raises to stop)."""
         t0 = time.perf_counter()
         if not media:
-            return EncodedMedia.empty(self.visual.merger.mlp[-1].out_features)
-        pixels, grid_thw = patchify(media, self.image_processor)
-        out = encode(self.visual, pixels, grid_thw, compression, check)
+            return EncodedMedia.empty(self.family.embed_dim(self.visual))
+        pixels, grid_thw = self.family.patchify(media, self.image_processor)
+        out = encode(self.tower, pixels, grid_thw, compression, check)
         return EncodedMedia(
             out.embeds, out.grids, out.cells, kinds=[m.kind for m in media], source_grids=[tuple(int(v) for v in g) for g in grid_thw.tolist()],
             vit_patches=int(grid_thw.prod(1).sum()), encode_ms=(time.perf_counter() - t0) * 1e3,
@@ -111,6 +125,7 @@ class VisionEncoder:
 class TextGenerator:
     def __init__(self, model_cfg: ModelConfig, limits: Limits = Limits()):
         self.engine = LanguageEngine(load_model(model_cfg, "language"))
+        self.chat = self.engine.family.chat
         self.tokenizer = load_tokenizer(model_cfg.path)
         self.limits = limits
         self.model_path = model_cfg.path
@@ -123,7 +138,7 @@ class TextGenerator:
 
     def prompt_ids(self, question: str, encoded: EncodedMedia) -> list[int]:
         counts = encoded.grid_counts(self.engine.unit)
-        return build_prompt_ids(self.tokenizer, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
+        return build_prompt_ids(self.tokenizer, self.chat, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
 
     def generate(
         self, question: str, encoded: EncodedMedia, compression: CompressionConfig, max_new_tokens: int, on_step=None,

@@ -1,4 +1,4 @@
-"""Qwen-VL chat prompts with one placeholder run per media item, sized from the (merged) grid.
+"""Chat prompts with one placeholder run per media item, sized from the (merged) grid, in a family's tokens.
 
 The client's text is tokenized as text only (`split_special_tokens`): whatever it contains, the only
 special tokens in a prompt are the ones the template puts there.
@@ -8,10 +8,9 @@ from __future__ import annotations
 import re
 
 from luvc_common.errors import PromptError, shorten
-from luvc_common.models.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from luvc_common.models.family import ChatTokens
 
 MARKS = {"image": "<image>", "video": "<video>"}
-PADS = {"image": IMAGE_PAD, "video": VIDEO_PAD}
 _MARK = re.compile("|".join(map(re.escape, MARKS.values())))
 _KIND = {mark: kind for kind, mark in MARKS.items()}
 
@@ -24,16 +23,16 @@ def check_question(question: str, max_chars: int) -> None:
         raise PromptError("empty prompt")
 
 
-def chat_turn(question: str) -> str:
-    """A user turn asking `question`, then the assistant header its answer follows (Qwen chat format)."""
-    return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
+def chat_turn(chat: ChatTokens, question: str) -> str:
+    """A user turn asking `question`, then the assistant header its answer follows."""
+    return f"{chat.turn_start}user\n{question}{chat.turn_end}\n{chat.turn_start}assistant\n"
 
 
 def _describe(kinds: list[str]) -> str:
     return shorten(str(kinds), 80) if len(kinds) <= 8 else f"{len(kinds)} items"
 
 
-def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: list[int], max_tokens: int) -> list[int]:
+def build_prompt_ids(tokenizer, chat: ChatTokens, question: str, kinds: list[str], token_counts: list[int], max_tokens: int) -> list[int]:
     """Token ids of a one-turn chat prompt asking `question` about the media items.
 
     `<image>` / `<video>` markers in the question place the items; without markers all items go
@@ -48,11 +47,11 @@ def build_prompt_ids(tokenizer, question: str, kinds: list[str], token_counts: l
     special = tokenizer.convert_tokens_to_ids
     encode = lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # noqa: E731
     runs = [encode(t) for t in ["user\n" + texts[0], *texts[1:]]]
-    tail = [special(IM_END), *encode("\n"), special(IM_START), *encode("assistant\n")]
+    tail = [special(chat.turn_end), *encode("\n"), special(chat.turn_start), *encode("assistant\n")]
     length = 1 + sum(map(len, runs)) + sum(token_counts) + 2 * len(kinds) + len(tail)
     if length > max_tokens:
         raise PromptError(f"prompt is {length} tokens, exceeds max_prompt_tokens={max_tokens}")
-    ids = [special(IM_START), *runs[0]]
+    ids = [special(chat.turn_start), *runs[0]]
     for kind, count, run in zip(kinds, token_counts, runs[1:]):
-        ids += [special(VISION_START), *[special(PADS[kind])] * count, special(VISION_END), *run]
+        ids += [special(chat.media_start), *[special(chat.placeholder(kind))] * count, special(chat.media_end), *run]
     return ids + tail

@@ -1,17 +1,17 @@
 """A small word-level tokenizer built locally (no hub download) for the project's own models.
 
 WordPiece over a closed vocabulary: whole words, and numbers split into digits ("417" -> "4 ##1 ##7")
-so any number is representable and decodes back without spaces. It carries the Qwen-VL special
-tokens, so the stock Qwen-VL model classes and prompt format work unchanged.
+so any number is representable and decodes back without spaces. It carries a family's special
+tokens (models/family.ChatTokens), so that family's stock model classes and prompt format work unchanged.
 """
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-PAD, UNK, IM_START, IM_END = "<|endoftext|>", "[UNK]", "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-SPECIAL_TOKENS = [PAD, UNK, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+from luvc_common.models.family import ChatTokens
+
+UNK = "[UNK]"
 
 BASE_WORDS = (
     "user assistant system what which where who how many much is are was the a an of in on at to and or "
@@ -22,16 +22,17 @@ BASE_WORDS = (
 PUNCTUATION = list(".,?!:;'\"()-")
 
 
-def build_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A lowercase WordPiece tokenizer over BASE_WORDS + extra_words + digits + punctuation."""
+def build_tokenizer(chat: ChatTokens, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A lowercase WordPiece tokenizer over chat's special tokens, BASE_WORDS + extra_words, digits and punctuation."""
+    special = [chat.pad, UNK, *chat.all[1:]]
     words = list(dict.fromkeys([*BASE_WORDS, *(w.lower() for w in extra_words)]))
     digits = [str(d) for d in range(10)]
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words, *digits, *(f"##{d}" for d in digits), *PUNCTUATION])}
+    vocab = {tok: i for i, tok in enumerate([*special, *words, *digits, *(f"##{d}" for d in digits), *PUNCTUATION])}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=32))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=IM_END, padding_side="left"
+        tokenizer_object=tok, unk_token=UNK, pad_token=chat.pad, eos_token=chat.turn_end, padding_side="left"
     )

@@ -34,17 +34,20 @@ from luvc_common.research.evaluate import int_at_least, positive_int
 SHAPES = {
     "tiny": None,  # the bundled default model
     "small": dict(  # SmolVLM-256M's LM; a ViT-B/16-sized tower (86M)
+        family="qwen2_vl",
         text=dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                   intermediate_size=1536, mrope=[8, 12, 12]),
         vision=dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4),
     ),
     "2b": dict(  # Qwen2-VL-2B
+        family="qwen2_vl",
         text=dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
                   intermediate_size=8960, mrope=[16, 24, 24]),
         vision=dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4),
     ),
 }
-"""Model shapes; random weights, our tokenizer (vocabulary size only changes lm_head on one token)."""
+"""Model shapes as tiny_config overrides of a family; random weights, our tokenizer (vocabulary size only
+changes lm_head on one token)."""
 
 
 def shape_checkpoint(shape: str, cache: Path) -> Path:
@@ -54,23 +57,15 @@ def shape_checkpoint(shape: str, cache: Path) -> Path:
     out = cache / shape
     if (out / "config.json").exists():
         return out
-    import torch
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from luvc_common.models.tiny import save_random_checkpoint
 
-    from luvc_common.models.tiny import FAMILIES, tiny_config
-    from luvc_common.models.tokenizer import build_tokenizer
-
-    sizes, tokenizer = SHAPES[shape], build_tokenizer()
+    sizes = SHAPES[shape]
     text = dict(sizes["text"])
     rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": text.pop("mrope")}
-    config = tiny_config("qwen2_vl", tokenizer, init_range=0.02, text_overrides={**text, "rope_parameters": rope},
-                         vision_overrides={**sizes["vision"], "hidden_size": text["hidden_size"]})
-    torch.manual_seed(0)
-    model = FAMILIES["qwen2_vl"][1](config).to(torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{shape}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=1344 * 1344).save_pretrained(tmp)
+    save_random_checkpoint(tmp, sizes["family"], seed=0, max_pixels=1344 * 1344, init_range=0.02,
+                           text_overrides={**text, "rope_parameters": rope},
+                           vision_overrides={**sizes["vision"], "hidden_size": text["hidden_size"]})
     tmp.rename(out)  # complete or absent, never half written
     return out
 
@@ -88,7 +83,7 @@ def _bench_image(size: int) -> bytes:
 
 def _one(client, engine, hidden: int, limits, media, prompt_for, cfg: CompressionConfig, spec: str, wire: str, decode_tokens: int) -> dict:
     from luvc_common.serving.messages import encoded_from_proto
-    from luvc_common.models.qwen_language import Request
+    from luvc_common.engine.language import Request
 
     t0 = time.perf_counter()
     response = client.encode(media, method=spec, wire_dtype=wire, timeout=600)
@@ -120,10 +115,10 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
 
     from luvc_common.client import LUVCClient
     from luvc_common.config import Limits
-    from luvc_common.compression.flops import flops_ratio, with_matched_budget
     from luvc_common.serving.launch import Service
-    from luvc_common.models.loading import ModelConfig, load_model, load_tokenizer
-    from luvc_common.models.qwen_language import LanguageEngine
+    from luvc_common.config import ModelConfig
+    from luvc_common.models.loading import load_model, load_tokenizer
+    from luvc_common.engine.language import LanguageEngine
     from luvc_common.models.prompt import build_prompt_ids
     from luvc_common.proto import luvc_pb2
 
@@ -141,7 +136,7 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
     prompt = "What color is the circle?"
 
     def prompt_for(encoded):
-        return build_prompt_ids(tokenizer, prompt, encoded.kinds, encoded.grid_counts(engine.unit), limits.max_prompt_tokens)
+        return build_prompt_ids(tokenizer, engine.family.chat, prompt, encoded.kinds, encoded.grid_counts(engine.unit), limits.max_prompt_tokens)
 
     media = [luvc_pb2.Media(image=_bench_image(image_size))]
     encoder = Service(["encoder", "--model", str(model_dir), "--max-queue", "4"], cache / f"encoder-{shape}.log", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -154,13 +149,7 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
             # theoretical FLOPs ratio (the default 0.25 when luvc is not benchmarked)
             warm = {s: run(s) for s in specs if s in ("none", "luvc")}
             if "luvc" in warm:
-                none = warm["none"]
-                target = flops_ratio(none["uncompressed"], warm["luvc"]["tokens_per_layer"], engine.config.text_config)
-                visual = none["visual_per_layer"][0]
-                for s, cfg in configs.items():
-                    if budget_unset(s):
-                        configs[s] = with_matched_budget(cfg, target, none["tokens_per_layer"][0] - visual, visual,
-                                                         engine.config.text_config, engine.num_layers)
+                configs = _match_budgets(configs, warm["none"], warm["luvc"], engine)
             for spec in specs:
                 if spec not in warm:
                     run(spec)
@@ -173,11 +162,30 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
     finally:
         encoder.stop()
 
+    results = _summarise(runs, configs, engine.config.text_config)
+    return {"shape": shape, "model": str(model_dir), "image": f"{image_size}x{image_size}", "repeats": repeats,
+            "decode_tokens": decode_tokens, "wire_dtype": wire, "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "torch": torch.__version__, "results": results}
+
+
+def _match_budgets(configs: dict, none: dict, luvc: dict, engine) -> dict:
+    """Baselines named without a budget get the keep ratio at luvc's theoretical FLOPs ratio."""
+    from luvc_common.compression.flops import flops_ratio, with_matched_budget
+
     text_config = engine.config.text_config
+    target = flops_ratio(none["uncompressed"], luvc["tokens_per_layer"], text_config)
+    visual = none["visual_per_layer"][0]
+    return {s: with_matched_budget(cfg, target, none["tokens_per_layer"][0] - visual, visual, text_config, engine.num_layers)
+            if budget_unset(s) else cfg for s, cfg in configs.items()}
+
+
+def _summarise(runs: dict[str, list[dict]], configs: dict, text_config) -> list[dict]:
+    """One row per method: medians (and minima) over the repeats, FLOPs ratio and prefill speedup against none."""
+    from luvc_common.compression.flops import flops_ratio
+
     none_prefill = statistics.median(r["llm_prefill_ms"] for r in runs["none"])
     results = []
-    for spec in specs:
-        rs = runs[spec]
+    for spec, rs in runs.items():
         ratio = flops_ratio(rs[0]["uncompressed"], rs[0]["tokens_per_layer"], text_config)
         speedup = none_prefill / statistics.median(r["llm_prefill_ms"] for r in rs)
         row = {"method": spec, "keep_ratio": configs[spec].baseline.keep_ratio if configs[spec].baseline else None,
@@ -188,9 +196,7 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
             values = [r[key] for r in rs]
             row[key], row[f"{key}_min"] = statistics.median(values), min(values)
         results.append(row)
-    return {"shape": shape, "model": str(model_dir), "image": f"{image_size}x{image_size}", "repeats": repeats,
-            "decode_tokens": decode_tokens, "wire_dtype": wire, "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "torch": torch.__version__, "results": results}
+    return results
 
 
 def format_table(report: dict) -> str:

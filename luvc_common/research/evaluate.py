@@ -110,7 +110,7 @@ def evaluate(
     from tqdm import tqdm
 
     from luvc_common.compression.flops import prefill_flops, uncompressed_tokens_per_layer
-    from luvc_common.models.loading import ModelConfig
+    from luvc_common.config import ModelConfig
     from luvc_common.engine.pipeline import Pipeline
 
     examples = list(examples)[:limit]
@@ -139,6 +139,15 @@ def evaluate(
         visual_counts.append(sum(grid_tokens(g, engine.unit) for g in encoded.source_grids))
         base_flops += prefill_flops(uncompressed_tokens_per_layer(text_tokens, encoded.source_grids, engine.num_layers, engine.unit), text_config)
 
+    results = _summarise(runs, rows, examples, base_flops)
+    return {"model": str(model_dir), "n": len(examples), "max_new_tokens": max_new_tokens,
+            "text_tokens": statistics.fmean(text_counts), "visual_tokens_uncompressed": statistics.fmean(visual_counts),
+            "results": results}
+
+
+def _summarise(runs: dict[str, CompressionConfig], rows: dict[str, list[tuple]], examples: list[dict], base_flops: float) -> list[dict]:
+    """One result per run: accuracy, visual tokens, theoretical FLOPs ratio and measured prefill speedup
+    against the first run (the uncompressed one)."""
     base_ms = statistics.median(row[4] for row in rows[next(iter(runs))])
     results = []
     for label, cfg in runs.items():
@@ -152,9 +161,7 @@ def evaluate(
             "llm_prefill_speedup": base_ms / statistics.median(prefill_ms),
             "prefill_ms_median": statistics.median(prefill_ms),
         })
-    return {"model": str(model_dir), "n": len(examples), "max_new_tokens": max_new_tokens,
-            "text_tokens": statistics.fmean(text_counts), "visual_tokens_uncompressed": statistics.fmean(visual_counts),
-            "results": results}
+    return results
 
 
 def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]:

@@ -27,17 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
-from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from luvc_common.errors import ConfigError
 from luvc_common.research.evaluate import TEST_SEED, VALIDATION_SEED, int_at_least, positive_int
-from luvc_common.engine.media import Media, patchify
-from luvc_common.models.tiny import tiny_config
+from luvc_common.engine.media import Media
+from luvc_common.models.family import get_family
+from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
+from luvc_common.models.tiny import save_model
 from luvc_common.research.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, jitter_scene,
                                   label_maps, make_example, question_text, random_look, render, scene_questions)
-from luvc_common.models.tokenizer import IM_END, IMAGE_PAD, PAD, build_tokenizer
+from luvc_common.models.tokenizer import build_tokenizer
+
+FAMILY = get_family("qwen2_vl")
+"""The family trained: the default model is a tiny Qwen2-VL."""
 
 
 def _tasks(value: str) -> tuple[str, ...]:
@@ -99,28 +102,28 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 @lru_cache(maxsize=None)
-def image_processor(max_pixels: int) -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil(min_pixels=112 * 112, max_pixels=max_pixels)
+def image_processor(max_pixels: int):
+    return FAMILY.image_processor(112 * 112, max_pixels)
 
 
-def build_model(args: argparse.Namespace, tokenizer) -> Qwen2VLForConditionalGeneration:
-    config = tiny_config("qwen2_vl", tokenizer, text_layers=args.text_layers, vision_depth=args.vision_depth,
-                         hidden=args.hidden, vision_dim=args.vision_dim, init_range=0.02, rope_theta=args.rope_theta,
-                         mrope_section=args.mrope_section)
+def build_model(args: argparse.Namespace, tokenizer):
+    config = FAMILY.tiny_config(tokenizer, text_layers=args.text_layers, vision_depth=args.vision_depth, hidden=args.hidden,
+                                vision_dim=args.vision_dim, init_range=0.02, rope_theta=args.rope_theta,
+                                mrope_section=args.mrope_section)
     torch.manual_seed(args.seed)
-    return Qwen2VLForConditionalGeneration(config)
+    return FAMILY.model_class(config)
 
 
 class VisionProbe(torch.nn.Module):
     """Training-only linear head on the visual tokens that enter the LLM (the patch merger's output, caught by a
     forward hook): per token, the classes of token_labels. Not part of the model, so never exported."""
 
-    def __init__(self, model: Qwen2VLForConditionalGeneration):
+    def __init__(self, model):
         super().__init__()
         self.sizes = [*LABEL_MAPS.values(), 2]
         self.head = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.sizes))
         self.tokens: Tensor | None = None
-        model.model.visual.merger.register_forward_hook(self._keep)
+        FAMILY.projector(FAMILY.vision(model)).register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output: Tensor) -> None:
         self.tokens = output
@@ -215,15 +218,15 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     if recipe.augment:
         rng = np.random.Generator(np.random.PCG64([seed, index, 2]))
         scene, look = jitter_scene(scene, rng), random_look(rng)
-    pixels, grid = patchify([Media("image", [render(scene, look)])], processor)
+    pixels, grid = FAMILY.patchify([Media("image", [render(scene, look)])], processor)
     n_tokens = int(grid.prod()) // processor.merge_size**2
-    prompt = build_prompt_ids(tokenizer, ex.question, ["image"], [n_tokens], 1 << 20)
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    prompt = build_prompt_ids(tokenizer, FAMILY.chat, ex.question, ["image"], [n_tokens], 1 << 20)
+    im_end = tokenizer.convert_tokens_to_ids(FAMILY.chat.turn_end)
     ids, labels = [], []
     turns = [(prompt, ex.answer)]
     rng = np.random.Generator(np.random.PCG64([seed, index, 1]))
     for spec in extra_questions(ex, recipe.questions - 1, rng):
-        turn = tokenizer("\n" + chat_turn(question_text(spec)), add_special_tokens=False)["input_ids"]
+        turn = tokenizer("\n" + chat_turn(FAMILY.chat, question_text(spec)), add_special_tokens=False)["input_ids"]
         turns.append((turn, answer_for(ex.scene, spec)))
     for prompt_ids, answer in turns:
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
@@ -254,7 +257,7 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
 def make_batch(seed: int, indices: range, tokenizer, processor, recipe: Recipe = Recipe()) -> tuple[dict[str, Tensor], list[str]]:
     items = [encode_example(seed, i, tokenizer, processor, recipe) for i in indices]
     ids = tokenizer.convert_tokens_to_ids
-    return collate(items, ids(PAD), ids(IMAGE_PAD)), [it["task"] for it in items]
+    return collate(items, ids(FAMILY.chat.pad), ids(FAMILY.chat.image)), [it["task"] for it in items]
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -272,20 +275,7 @@ class StepBatches(torch.utils.data.Dataset):
 
 @lru_cache(maxsize=None)
 def _tokenizer():
-    return build_tokenizer()
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device as a torch.device; ConfigError for an unknown name or CUDA on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f'--device {name!r}: expected "auto", "cpu", "cuda" or "cuda:N"') from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    return build_tokenizer(FAMILY.chat)
 
 
 def forward(model, batch: dict[str, Tensor], device: torch.device):
@@ -369,17 +359,7 @@ def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, probe: Vis
 
 def export_model(model, tokenizer, max_pixels: int, out: str | Path) -> Path:
     """A standard HF directory: config, bf16 safetensors, tokenizer, preprocessor and generation configs."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = tokenizer.convert_tokens_to_ids
-    model.generation_config = GenerationConfig(bos_token_id=ids(PAD), eos_token_id=ids(IM_END), pad_token_id=ids(PAD), do_sample=False)
-    bf16 = {k: v.to("cpu", torch.bfloat16) for k, v in model.state_dict().items()}
-    model.save_pretrained(out, state_dict=bf16)
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2) + "\n")
-    tokenizer.save_pretrained(out)
-    image_processor(max_pixels).save_pretrained(out)
-    return out
+    return save_model(model, tokenizer, image_processor(max_pixels), out)
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -11,15 +11,13 @@ import os
 import signal
 import threading
 import time
-from dataclasses import fields
 from typing import Callable
 
 import ray
 from ray import serve
 
-from luvc_common.config import DEFAULT_MODEL, Limits, from_args
+from luvc_common.config import build, leaves
 from luvc_common.errors import ConfigError
-from luvc_common.models.loading import ModelConfig
 from luvc_common.serving.launch import free_port
 from luvc_common.serving.runtime import ServerConfig, get_logger, log
 
@@ -36,6 +34,8 @@ AUTOSCALING = {
 }
 """Defaults; override per deployment in serve.yaml or with builder args."""
 DEPLOYMENT_ARGS = {"num_gpus", "num_cpus", "max_ongoing_requests", *AUTOSCALING}
+SERVER_ARGS = ("auth_token", "max_queue", "grace_s")
+"""ServerConfig fields a replica uses (Ray's proxy owns the port, message size and TLS)."""
 """Builder args that shape the deployment rather than the service."""
 
 
@@ -63,20 +63,19 @@ def deployment(servicer, name: str, args: dict, server: ServerConfig):
 
 
 def configs_from_args(args: dict, service_config: type):
-    """(service config, ServerConfig) from a builder's args: the service config's fields (limits
-    fields flattened in), ServerConfig's auth_token, max_queue and grace_s, and the deployment args.
-    Tokens default to LUVC_AUTH_TOKEN / LUVC_ENCODER_TOKEN from the environment. Unknown keys are
-    an error, so a misspelt limit is never silently dropped."""
-    service_keys = {f.name for f in fields(service_config)} - {"model", "limits"}
-    known = service_keys | {f.name for f in fields(Limits)} | {"model", "auth_token", "max_queue", "grace_s"} | DEPLOYMENT_ARGS
+    """(service config, ServerConfig) from a builder's args: the leaves of the service's config tree (the
+    same names as its `luvc serve` flags, with underscores), ServerConfig's auth_token, max_queue and
+    grace_s, and the deployment args. A leaf with an environment variable (LUVC_AUTH_TOKEN,
+    LUVC_ENCODER_TOKEN, LUVC_MAX_*) takes it from the node's environment unless an arg sets it, as the
+    flags do. Unknown keys are an error, so a misspelt limit is never silently dropped."""
+    service = leaves(service_config)
+    known = {leaf.name for leaf in service} | set(SERVER_ARGS) | DEPLOYMENT_ARGS
     unknown = sorted(set(args) - known)
     if unknown:
         raise ConfigError(f"unknown {service_config.__name__} args {unknown}; expected some of {sorted(known)}")
-    env = {"auth_token": os.environ.get("LUVC_AUTH_TOKEN"), "encoder_token": os.environ.get("LUVC_ENCODER_TOKEN")}
-    args = {**{k: v for k, v in env.items() if v}, **args}
-    model = ModelConfig(args.get("model", str(DEFAULT_MODEL)))
-    config = from_args(service_config, {k: v for k, v in args.items() if k in service_keys}, model=model, limits=from_args(Limits, args))
-    return config, from_args(ServerConfig, {k: args[k] for k in ("auth_token", "max_queue", "grace_s") if k in args})
+    with_env = service + [leaf for leaf in leaves(ServerConfig) if leaf.name in SERVER_ARGS]
+    args = {**{leaf.name: os.environ[leaf.env] for leaf in with_env if leaf.env and leaf.env in os.environ}, **args}
+    return build(service_config, args), build(ServerConfig, {k: args[k] for k in SERVER_ARGS if k in args})
 
 
 def run_on_ray(build_app: Callable, name: str, server: ServerConfig) -> None:

@@ -1,14 +1,14 @@
-"""Qwen2-VL / Qwen2.5-VL language model run layer by layer, with a method's pruner between layers.
+"""A VLM's language model run layer by layer, with a compression method's pruner between layers.
 
 Batching: requests are left-padded into one batch. Pruning removes a different number of tokens
 from each row, so after every pruning layer the survivors are re-packed (still left-padded) and each
 layer remembers its own padding mask; its KV cache holds exactly the tokens that reached it.
-Kept tokens keep their original M-RoPE positions; text tokens are never pruned. Nothing asks the
+Kept tokens keep their original positions; text tokens are never pruned. Nothing asks the
 attention implementation for weights, so sdpa and flash_attention_2 run every layer: a pruner that
 scores with attention (FastV) gets the last query's weights in the layer it names, recomputed here
 from that layer's input and cached keys (one query row). Nothing is switched on the shared model
 for one request. Items whose encoder kept only some grid cells (the
-vision-side baselines) get placeholders for the full grid, so M-RoPE positions are the stock ones,
+vision-side baselines) get placeholders for the full grid, so positions are the stock ones,
 and the absent cells are dropped before the first layer.
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from luvc_common.compression.config import CompressionConfig
 from luvc_common.compression.methods import get
 from luvc_common.compression.methods.base import LayerInputs, Span, gather, members
 from luvc_common.errors import PromptError
+from luvc_common.models.family import family_of
 from luvc_common.compression.visual import VisualTokens
 
 
@@ -45,7 +45,7 @@ class PrefillState:
     layer_valid: list[Tensor]
     """Per layer, (B, L_i) bool: which cached positions are real tokens."""
     next_position: Tensor
-    """(B,) M-RoPE position of the next generated token."""
+    """(B,) position of the next generated token."""
     logits: Tensor
     """(B, V) next-token logits."""
     visual_per_layer: list[list[int]]
@@ -61,14 +61,15 @@ class Generation:
 
 
 class LanguageEngine:
-    """Prefill and greedy decoding over a loaded Qwen-VL language half (or full model)."""
+    """Prefill and greedy decoding over a loaded language half (or full model) of a supported family."""
 
     def __init__(self, model):
         self.model = model
-        self.lm = model.model.language_model
+        self.family = family_of(model.config)
+        self.lm = self.family.language(model)
         self.config = model.config
-        self.unit = model.config.vision_config.spatial_merge_size
-        self.media_token_types = {model.config.image_token_id: 1, model.config.video_token_id: 2}
+        self.unit = self.family.unit(model.config)
+        self.media_token_types = self.family.media_token_types(model.config)
 
     @property
     def num_layers(self) -> int:
@@ -135,15 +136,8 @@ class LanguageEngine:
         for b, r in enumerate(requests):
             for s, g in zip(spans[b], r.visual.grids):
                 (image_grids if token_type[b, s.start] == 1 else video_grids).append(list(g))
-        position_ids, _ = self.model.model.get_rope_index(
-            ids,
-            mm_token_type_ids=token_type,
-            image_grid_thw=torch.tensor(image_grids) if image_grids else None,
-            video_grid_thw=torch.tensor(video_grids) if video_grids else None,
-            attention_mask=valid.long(),
-        )
-        position_ids = position_ids.to(device)
-        next_position = (position_ids.amax(dim=(0, 2)) + 1).cpu()
+        position_ids = self.family.position_ids(self.model, ids, token_type, image_grids, video_grids, valid).to(device)
+        next_position = (position_ids.reshape(-1, *ids.shape).amax(dim=(0, 2)) + 1).cpu()  # (axes, B, L) or (B, L)
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
         source = torch.where(valid & ~absent, torch.arange(width).expand_as(ids), -1)
         if absent.any():  # cells the encoder dropped: their placeholders never enter a layer
@@ -166,28 +160,16 @@ class LanguageEngine:
             hidden = layer(hidden, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True,
                            attention_mask=self._mask(valid, hidden.shape[1], dtype))
             if pruner and i == pruner.attention_layer:
-                attention = self._last_query_attention(layer, layer_in, cos, sin, cache.layers[i].keys, valid)
+                attention = self.family.last_query_attention(layer, layer_in, cos, sin, cache.layers[i].keys, valid)
         logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
         return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
-
-    @staticmethod
-    def _last_query_attention(layer, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
-        """(B, heads, keys) attention weights of the last query in `layer`, from the layer's input and
-        its cached (rotated) keys: what eager attention would return for that row."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(layer_in[:, -1:])
-        q = attn.q_proj(x).view(len(x), 1, -1, attn.head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-        logits = (q @ keys.transpose(-1, -2))[:, :, 0].float() * attn.scaling
-        return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf")).softmax(-1)
 
     @torch.no_grad()
     def decode_step(self, state: PrefillState, tokens: Tensor) -> Tensor:
         """Feed one token per row through the cached layers; returns (B, V) logits."""
         device = self.lm.embed_tokens.weight.device
         hidden = self.lm.embed_tokens(tokens.to(device)[:, None])
-        position_ids = state.next_position.to(device).view(1, -1, 1).expand(3, -1, 1)
+        position_ids = self.family.decode_position_ids(state.next_position.to(device))
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
         for i, layer in enumerate(self.lm.layers):
             v = state.layer_valid[i]

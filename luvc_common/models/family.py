@@ -1,0 +1,141 @@
+"""What the engine knows about a VLM family, and the registry of families by HF `model_type`.
+
+A family file (one per family, e.g. `qwen2_vl.py`) subclasses `Family`: the model classes, how a
+checkpoint splits into its vision and language halves, the image processor and patchify, the chat
+template and placeholder tokens, the LLM's position ids, and a tiny config for tests. A new family is
+a module here and one line in MODULES; nothing outside the family files names a family's classes,
+attribute paths or tokens.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Sequence
+
+from torch import Tensor, nn
+
+from luvc_common.compression.methods.base import VisionTower
+from luvc_common.errors import ModelLoadError
+
+MODULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+"""HF model_type -> family module in this package."""
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """The special tokens of a family's chat template and media placeholders."""
+
+    pad: str
+    turn_start: str
+    turn_end: str
+    """Ends a turn; the end-of-sequence token of an answer."""
+    media_start: str
+    media_end: str
+    image: str
+    """Repeated once per LLM token of an image."""
+    video: str
+
+    @property
+    def all(self) -> list[str]:
+        return [self.pad, self.turn_start, self.turn_end, self.media_start, self.media_end, self.image, self.video]
+
+    def placeholder(self, kind: str) -> str:
+        return self.image if kind == "image" else self.video
+
+
+class MediaItem(Protocol):
+    kind: str
+    """"image" or "video"."""
+    frames: list
+    """PIL images (one for an image)."""
+
+
+class Family:
+    model_type: ClassVar[str]
+    model_class: ClassVar[type[nn.Module]]
+    config_class: ClassVar[type]
+    chat: ClassVar[ChatTokens]
+
+    # checkpoints
+    def tiny_config(self, tokenizer, **sizes: Any):
+        """Config of a tiny random model for tests (sizes: text_layers, vision_depth, hidden, ...)."""
+        raise NotImplementedError
+
+    def image_processor(self, min_pixels: int, max_pixels: int):
+        """The family's image processor (a transformers class) for a tiny checkpoint."""
+        raise NotImplementedError
+
+    def canonical_key(self, key: str) -> str:
+        """A weight name of an older checkpoint layout -> the name in the current model class."""
+        return key
+
+    # model halves
+    def vision(self, model: nn.Module) -> nn.Module:
+        """The vision tower with its projector."""
+        raise NotImplementedError
+
+    def language(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (embed_tokens, layers, norm, rotary_emb)."""
+        raise NotImplementedError
+
+    def drop(self, model: nn.Module, part: str) -> None:
+        """Remove the modules a `part` ("vision" or "language") does not need, before weights load."""
+        raise NotImplementedError
+
+    def tower(self, visual: nn.Module) -> VisionTower:
+        raise NotImplementedError
+
+    def projector(self, visual: nn.Module) -> nn.Module:
+        """The module whose output is the visual tokens the LLM receives."""
+        raise NotImplementedError
+
+    def embed_dim(self, visual: nn.Module) -> int:
+        """Width of the projector's output: the LLM hidden size."""
+        raise NotImplementedError
+
+    def unit(self, config) -> int:
+        """Side of the projector's patch group: one LLM token per unit x unit patches."""
+        raise NotImplementedError
+
+    # media
+    def planned_size(self, processor, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image processor resizes an image of this size to."""
+        raise NotImplementedError
+
+    def patch_size(self, processor) -> tuple[int, int]:
+        """(temporal, spatial) patch size."""
+        raise NotImplementedError
+
+    def patchify(self, media: Sequence[MediaItem], processor) -> tuple[Tensor, Tensor]:
+        """Flattened patches and (t, h, w) patch grids of all items, in order, as the tower wants."""
+        raise NotImplementedError
+
+    # language side
+    def media_token_types(self, config) -> dict[int, int]:
+        """Placeholder token id -> media type id (1 image, 2 video)."""
+        raise NotImplementedError
+
+    def position_ids(self, model: nn.Module, ids: Tensor, token_type: Tensor, image_grids: list, video_grids: list,
+                     valid: Tensor) -> Tensor:
+        """(3, B, L) position ids of a left-padded prompt batch (`valid`: real tokens)."""
+        raise NotImplementedError
+
+    def decode_position_ids(self, next_position: Tensor) -> Tensor:
+        """Position ids of one new token per row, from (B,) next positions."""
+        raise NotImplementedError
+
+    def last_query_attention(self, layer: nn.Module, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
+                             valid: Tensor) -> Tensor:
+        """(B, heads, keys) attention weights of the last query in `layer`, from the layer's input and its
+        cached (rotated) keys: what eager attention would return for that row."""
+        raise NotImplementedError
+
+
+def get_family(model_type: str) -> Family:
+    if model_type not in MODULES:
+        raise ModelLoadError(f"unsupported model family {model_type!r}: expected one of {list(MODULES)}")
+    return importlib.import_module(f"{__package__}.{MODULES[model_type]}").FAMILY
+
+
+def family_of(config) -> Family:
+    return get_family(config.model_type)
