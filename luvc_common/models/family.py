@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from luvc_common.compression.methods.base import VisionTower
 from luvc_common.errors import ModelLoadError
 
-MODULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+MODULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
 """HF model_type -> family module in this package."""
 
 
@@ -61,9 +61,17 @@ class Family:
         """Config of a tiny random model for tests (sizes: text_layers, vision_depth, hidden, ...)."""
         raise NotImplementedError
 
+    def random_model(self, config) -> nn.Module:
+        """A model of `config` with random weights (the caller seeds torch)."""
+        return self.model_class(config)
+
     def image_processor(self, min_pixels: int, max_pixels: int):
         """The family's image processor (a transformers class) for a tiny checkpoint."""
         raise NotImplementedError
+
+    def tiny_image_processor(self, config, max_pixels: int):
+        """The image processor saved with a tiny checkpoint of `config`."""
+        return self.image_processor(112 * 112, max_pixels)
 
     def canonical_key(self, key: str) -> str:
         """A weight name of an older checkpoint layout -> the name in the current model class."""
@@ -117,7 +125,8 @@ class Family:
 
     def position_ids(self, model: nn.Module, ids: Tensor, token_type: Tensor, image_grids: list, video_grids: list,
                      valid: Tensor) -> Tensor:
-        """(3, B, L) position ids of a left-padded prompt batch (`valid`: real tokens)."""
+        """Position ids of a left-padded prompt batch (`valid`: real tokens), in the shape the LLM's
+        rotary embedding takes: (B, L) for 1D RoPE, (axes, B, L) for multi-axis RoPE (Qwen's M-RoPE)."""
         raise NotImplementedError
 
     def decode_position_ids(self, next_position: Tensor) -> Tensor:

@@ -39,4 +39,4 @@ def save_random_checkpoint(out_dir: str | Path, family: str = "qwen2_vl", seed: 
     tokenizer = build_tokenizer(fam.chat)
     config = fam.tiny_config(tokenizer, **sizes)
     torch.manual_seed(seed)
-    return save_model(fam.model_class(config), tokenizer, fam.image_processor(112 * 112, max_pixels), out_dir)
+    return save_model(fam.random_model(config), tokenizer, fam.tiny_image_processor(config, max_pixels), out_dir)
