@@ -12,6 +12,7 @@ from luvc_common.engine.media import Media
 from luvc_common.serving.messages import encoded_to_proto, media_files_from_proto
 from luvc_common.engine.pipeline import VisionEncoder
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
+from luvc_common.serving.metrics import Metrics
 from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServicerBase, get_logger, log
 from luvc_common.serving.wire import wire_dtype
 
@@ -23,7 +24,8 @@ class EncoderService:
 
     def __init__(self, config: EncoderConfig, server: ServerConfig):
         self.config = config
-        self.gate = Gate(server)
+        self.metrics = Metrics("encoder")
+        self.gate = Gate(server, self.metrics)
         self.logger = get_logger("encoder")
         self.encoder: VisionEncoder | None = None
 
@@ -43,6 +45,8 @@ class EncoderService:
         self.encoder.check_patches(files, limits)
         encoded = await self.gate.run(call, lambda: self.encoder.encode(self.encoder.decode(files, limits, call.check), method, call.check))
         response = encoded_to_proto(encoded, self.encoder.unit, dtype, self.config.model.path)
+        self.metrics.encoder_tokens.labels(method.method).inc(len(encoded.embeds))
+        self.metrics.payload_bytes.labels("encoder").inc(len(response.tokens.data))
         log(self.logger, "encoded", request_id=call.request_id, method=method.method, media=len(files),
             vit_patches=encoded.vit_patches, tokens=len(encoded.embeds), payload_bytes=len(response.tokens.data),
             encode_ms=round(encoded.encode_ms, 2))

@@ -6,6 +6,7 @@ import logging
 import time
 
 import grpc
+from tokenizers.decoders import DecodeStream
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_service.config import LLMConfig
@@ -16,6 +17,7 @@ from luvc_common.serving.messages import encoded_from_proto, uncompressed_payloa
 from luvc_common.engine.pipeline import EncodedMedia, GenerateResult, TextGenerator
 from luvc_common.errors import PromptError, shorten
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
+from luvc_common.serving.metrics import Metrics
 from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServiceError, ServicerBase, get_logger, log
 from luvc_common.serving.wire import wire_dtype
 
@@ -28,7 +30,8 @@ class LLMService:
     def __init__(self, config: LLMConfig, server: ServerConfig):
         self.config = config
         self.server = server
-        self.gate = Gate(server)
+        self.metrics = Metrics("llm")
+        self.gate = Gate(server, self.metrics)
         self.logger = get_logger("llm")
         self.generator: TextGenerator | None = None
         self._encoder_channel: grpc.aio.Channel | None = None
@@ -115,24 +118,34 @@ class LLMService:
             call.check()  # a generation cut short by a cancel or deadline is not an answer
             return result
 
-        tokens: list[int] = []
-        text = ""
+        text, detokenizer, first = "", DecodeStream(skip_special_tokens=True), True  # incremental: each token decoded once
         async for item in self.gate.stream(call, work):
             if isinstance(item, GenerateResult):
                 result = item
             elif item:
-                tokens += item
-                full = gen.tokenizer.decode(tokens, skip_special_tokens=True)
-                yield luvc_pb2.GenerateResponse(text=full[len(text):], token_ids=item)
-                text = full
+                if first:
+                    self.metrics.ttft.labels(spec).observe(time.perf_counter() - t_start)
+                    first = False
+                new = "".join(filter(None, (detokenizer.step(gen.tokenizer.backend_tokenizer, t) for t in item)))
+                yield luvc_pb2.GenerateResponse(text=new, token_ids=item)
+                text += new
         timings = {"encode": encoded.encode_ms, "transfer": max(0.0, round_trip_ms - encoded.encode_ms),
                    "prefill": result.timings_ms["prefill"], "decode": result.timings_ms["decode"],
                    "total": (time.perf_counter() - t_start) * 1e3}
         stats = self._stats(result, spec, visual, timings, call)
+        self._record(result, spec, stats)
         log(self.logger, "generated", request_id=call.request_id, method=spec, prompt_tokens=len(result.prompt_ids),
             new_tokens=len(result.token_ids), llm_per_layer=result.visual_tokens["llm_per_layer"], payload_bytes=stats.payload_bytes,
             **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
+
+    def _record(self, result: GenerateResult, spec: str, stats: luvc_pb2.GenerateStats) -> None:
+        m = self.metrics
+        m.prompt_tokens.labels(spec).inc(len(result.prompt_ids))
+        m.generated_tokens.labels(spec).inc(len(result.token_ids))
+        for layer, n in enumerate(result.visual_tokens["llm_per_layer"]):
+            m.visual_tokens.labels(spec, str(layer)).inc(n)
+        m.payload_bytes.labels("llm").inc(stats.payload_bytes)
 
     def _stats(self, result: GenerateResult, spec: str, visual: luvc_pb2.EncodeResponse | None, timings: dict,
                call: Call) -> luvc_pb2.GenerateStats:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 
 from luvc_common.errors import ConfigError, MediaError, shorten
@@ -42,10 +42,8 @@ class Leaf:
     """Environment variable that overrides the default: the field's `env` metadata, or the `env_prefix`
     metadata of an enclosing field + NAME (LUVC_MAX_MEDIA)."""
     doc: str
-
-    @property
-    def kind(self) -> type:
-        return type(self.field.default) if self.field.default not in (None, MISSING) else str
+    kind: type
+    """The field's type (int for `int | None`): what a flag's text is converted to."""
 
 
 def leaves(cls: type, path: tuple[str, ...] = (), env_prefix: str | None = None) -> list[Leaf]:
@@ -56,10 +54,17 @@ def leaves(cls: type, path: tuple[str, ...] = (), env_prefix: str | None = None)
             out += leaves(type(f.default), (*path, f.name), f.metadata.get("env_prefix", env_prefix))
         else:
             env = f.metadata.get("env") or (f"{env_prefix}{f.name.upper()}" if env_prefix else None)
-            out.append(Leaf(f.metadata.get("flag", f.name), (*path, f.name), f, env, docs[f.name]))
+            out.append(Leaf(f.metadata.get("flag", f.name), (*path, f.name), f, env, docs[f.name], _kinds(cls)[f.name]))
     names = [leaf.name for leaf in out]
     assert len(names) == len(set(names)), f"{cls.__name__}: repeated leaf names {names}"
     return out
+
+
+@cache
+def _kinds(cls: type) -> dict[str, type]:
+    """Field name -> its type, with `X | None` read as X."""
+    hints = get_type_hints(cls)
+    return {name: next((a for a in get_args(t) if a is not type(None)), t) for name, t in hints.items()}
 
 
 def build(cls: type, values: dict[str, Any]):
@@ -72,8 +77,7 @@ def build(cls: type, values: dict[str, Any]):
         else:
             name = f.metadata.get("flag", f.name)
             if values.get(name) is not None:
-                kind = type(f.default) if f.default not in (None, MISSING) else str
-                kwargs[f.name] = kind(values[name])
+                kwargs[f.name] = _kinds(cls)[f.name](values[name])
     return cls(**kwargs)
 
 

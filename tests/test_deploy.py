@@ -32,7 +32,7 @@ def test_compose_file_is_valid_and_wired():
     from luvc_common.config import Limits
     for service in (encoder, llm):  # every limit reaches both services (the CLI reads LUVC_MAX_*)
         assert {f"LUVC_{name.upper()}" for name in Limits.__dataclass_fields__} <= set(service["environment"])
-    assert {p["published"] for s in (encoder, llm) for p in s["ports"]} == {"50051", "50052"}
+    assert {p["published"] for s in (encoder, llm) for p in s["ports"]} == {"50051", "50052", "9100"}  # 9100: encoder /metrics
 
 
 def test_gpu_override_reserves_one_gpu_per_service():
@@ -105,7 +105,7 @@ def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(
               "--max-media": "2", "--max-image-pixels": "1001", "--max-frames": "3", "--max-request-pixels": "1002",
               "--max-vit-patches": "1003", "--max-prompt-chars": "1004", "--max-prompt-tokens": "1005", "--max-new-tokens": "6"}
     parser_flags = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["serve"]._subparsers._group_actions[0]
-                    .choices["llm"]._actions for o in a.option_strings if o.startswith("--")} - {"--help", "--ray", "--tls-cert", "--tls-key"}
+                    .choices["llm"]._actions for o in a.option_strings if o.startswith("--")} - {"--help", "--ray", "--tls-cert", "--tls-key", "--metrics-port"}
     assert parser_flags == set(values), "a new serve flag: give it a value here"
     argv = ["serve", "llm", *(x for kv in values.items() for x in kv)]
     assert cli.main(argv) == 0 and cli.main(argv + ["--ray"]) == 0
@@ -125,8 +125,9 @@ def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(
     assert captured["ray"][1].max_message_bytes == 3 * MiB
 
 
-def test_tls_with_ray_is_refused_with_a_clear_error():
-    """Ray's gRPC proxy serves plaintext: asking it for TLS is an error, never a silent plaintext port."""
+def test_tls_and_metrics_with_ray_are_refused_with_a_clear_error():
+    """Ray's gRPC proxy serves plaintext: asking it for TLS is an error, never a silent plaintext port;
+    likewise /metrics, which Ray replicas do not export yet."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from luvc_common.errors import ConfigError
     from luvc_common.serving.ray import run_on_ray
@@ -134,3 +135,5 @@ def test_tls_with_ray_is_refused_with_a_clear_error():
 
     with pytest.raises(ConfigError, match="plaintext only"):
         run_on_ray(lambda: None, "llm", ServerConfig(tls_cert="cert.pem", tls_key="key.pem"))
+    with pytest.raises(ConfigError, match="metrics-port"):
+        run_on_ray(lambda: None, "llm", ServerConfig(metrics_port=9100))

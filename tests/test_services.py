@@ -3,6 +3,7 @@ import io
 import signal
 import subprocess
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -10,6 +11,7 @@ import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 import conftest
 from luvc_common.client import ClientOptions, LUVCClient, image_file, video_dir
@@ -19,7 +21,7 @@ from luvc_common.engine.pipeline import Pipeline
 from luvc_common.proto import luvc_pb2
 from luvc_common.serving.wire import to_wire
 from luvc_common.client import check_health as health
-from luvc_common.serving.launch import Service
+from luvc_common.serving.launch import Service, free_port
 
 PROMPT = "What color is the circle?"
 DEMO = conftest.ASSETS / "demo.png"
@@ -28,8 +30,9 @@ DEMO = conftest.ASSETS / "demo.png"
 @pytest.fixture(scope="module")
 def stack(tiny_qwen2vl, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    encoder = Service(["encoder", "--model", tiny_qwen2vl], logs / "encoder.log").start()
-    llm = Service(["llm", "--model", tiny_qwen2vl, "--encoder", encoder.target, "--max-queue", "4"], logs / "llm.log").start()
+    encoder = Service(["encoder", "--model", tiny_qwen2vl, "--metrics-port", str(free_port())], logs / "encoder.log").start()
+    llm = Service(["llm", "--model", tiny_qwen2vl, "--encoder", encoder.target, "--max-queue", "4",
+                   "--metrics-port", str(free_port())], logs / "llm.log").start()
     yield encoder, llm
     llm.stop()
     encoder.stop()
@@ -62,6 +65,40 @@ def test_answer_equals_in_process_generate(stack, client, tiny_qwen2vl, demo_ima
     assert list(remote.llm_per_layer) == local.visual_tokens["llm_per_layer"]
     assert remote.text == local.text and remote.encoder_out == local.visual_tokens["encoder_out"]
     assert set(remote.timings_ms) == {"encode", "transfer", "prefill", "decode", "total"}
+
+
+def _metrics(service: Service) -> dict[tuple, float]:
+    """The service's /metrics samples as {(name, sorted labels): value}."""
+    port = service.args[service.args.index("--metrics-port") + 1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_move_as_requests_run(stack, client):
+    """Counters on both services' /metrics grow by what one answered and one refused request did."""
+    encoder, llm = stack
+    before_llm, before_encoder = _metrics(llm), _metrics(encoder)
+    stats = client.generate(PROMPT, [image_file(DEMO)], method="luvc", max_new_tokens=6, timeout=60)
+    assert _code(lambda: client.generate("", [image_file(DEMO)], timeout=60))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    after_llm, after_encoder = _metrics(llm), _metrics(encoder)
+
+    def grew(before, after, name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew(before_llm, after_llm, "luvc_requests_total", service="llm", method="generate", code="OK") == 1
+    assert grew(before_llm, after_llm, "luvc_requests_total", service="llm", method="generate", code="INVALID_ARGUMENT") == 1
+    assert grew(before_llm, after_llm, "luvc_generated_tokens_total", method="luvc") == len(stats.token_ids)
+    assert grew(before_llm, after_llm, "luvc_prompt_tokens_total", method="luvc") == len(stats.prompt_ids)
+    for layer, n in enumerate(stats.llm_per_layer):
+        assert grew(before_llm, after_llm, "luvc_visual_tokens_total", method="luvc", layer=str(layer)) == n
+    assert grew(before_llm, after_llm, "luvc_time_to_first_token_seconds_count", method="luvc") == 1
+    assert grew(before_llm, after_llm, "luvc_payload_bytes_total", service="llm") == stats.payload_bytes > 0
+    assert after_llm[("luvc_queue_depth", (("service", "llm"),))] == 0
+    assert grew(before_encoder, after_encoder, "luvc_requests_total", service="encoder", method="encode", code="OK") == 1
+    assert grew(before_encoder, after_encoder, "luvc_encoder_tokens_total", method="luvc") == stats.encoder_out
+    assert grew(before_encoder, after_encoder, "luvc_payload_bytes_total", service="encoder") == stats.payload_bytes
 
 
 def test_streamed_chunks_add_up_to_the_answer(client):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from luvc_common.compression.grid import grid_tokens
 from luvc_common.errors import ConfigError
 from luvc_common.research.evaluate import TEST_SEED, VALIDATION_SEED, int_at_least, positive_int
 from luvc_common.engine.media import Media
@@ -219,7 +220,7 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
         rng = np.random.Generator(np.random.PCG64([seed, index, 2]))
         scene, look = jitter_scene(scene, rng), random_look(rng)
     pixels, grid = FAMILY.patchify([Media("image", [render(scene, look)])], processor)
-    n_tokens = int(grid.prod()) // processor.merge_size**2
+    n_tokens = grid_tokens(tuple(grid[0].tolist()), processor.merge_size)
     prompt = build_prompt_ids(tokenizer, FAMILY.chat, ex.question, ["image"], [n_tokens], 1 << 20)
     im_end = tokenizer.convert_tokens_to_ids(FAMILY.chat.turn_end)
     ids, labels = [], []

@@ -83,12 +83,16 @@ def run_on_ray(build_app: Callable, name: str, server: ServerConfig) -> None:
     build_app() returns (after ray.init: it asks the cluster for GPUs) behind Ray's gRPC proxy on
     server.host:server.port, and shut down what we started on SIGTERM.
 
-    Ray's proxy serves plaintext only, so TLS is refused here (terminate it in front of the proxy);
+    Ray's proxy serves plaintext only, so TLS is refused here (terminate it in front of the proxy), and
+    so is --metrics-port (replicas are not wired to Ray's metrics agent yet);
     the message limit reaches the proxy through RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, which a local Ray
     instance inherits (on an existing cluster, set it on the nodes)."""
     if server.tls_cert:
         raise ConfigError("--tls-cert/--tls-key with --ray: Ray Serve's gRPC proxy serves plaintext only; "
                           "terminate TLS in front of it, or serve without --ray")
+    if server.metrics_port is not None:
+        raise ConfigError("--metrics-port with --ray is not supported yet: replicas do not export to Ray's metrics "
+                          "agent; serve without --ray for /metrics")
     logger = get_logger(f"{name}-ray")
     t0 = time.perf_counter()
     address = os.environ.pop("RAY_ADDRESS", "") or None  # Ray itself rejects an empty RAY_ADDRESS

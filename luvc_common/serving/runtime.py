@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from luvc_common.config import REQUEST_ID, MiB
 from luvc_common.errors import ConfigError, UserError, shorten
+from luvc_common.serving.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class ServerConfig:
     """PEM private key file."""
     health_interval_s: float = 2.0
     """How often a service with dependencies (the LLM's encoder) checks them for its health status."""
+    metrics_port: int | None = field(default=None, metadata={"env": "LUVC_METRICS_PORT"})
+    """Port of the Prometheus /metrics endpoint (plain HTTP, on host); 0 picks a free one; unset: none."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -61,6 +64,8 @@ class ServerConfig:
             raise ConfigError("max_queue and grace_s must be >= 0 and health_interval_s > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key must be given together")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port={self.metrics_port} is invalid: expected 0..65535")
 
     @property
     def max_message_bytes(self) -> int:
@@ -135,8 +140,9 @@ class Gate:
     max_queue wait. The compute slot is held until the worker thread has returned, also when the
     RPC is cancelled, so abandoned work never overlaps the next request."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, metrics: Metrics):
         self.config = config
+        self.metrics = metrics
         self.ready = False
         self._compute = asyncio.Semaphore(1)
         self._waiting = 0
@@ -153,11 +159,13 @@ class Gate:
         then work's return value last. A cancelled consumer sets call.stop and waits for the thread."""
         if self._waiting >= self.config.max_queue:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {self._waiting} requests queued (max_queue={self.config.max_queue})")
-        self._waiting += 1
+        self._set_waiting(self._waiting + 1)
         try:
             await self._compute.acquire()
         finally:
-            self._waiting -= 1
+            self._set_waiting(self._waiting - 1)
+        self.metrics.running.labels(self.metrics.service).inc()
+        self.metrics.batch_size.labels(self.metrics.service).observe(1)  # one request per model step until batching lands
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         emit = lambda item: loop.call_soon_threadsafe(items.put_nowait, item)  # noqa: E731
@@ -173,7 +181,12 @@ class Gate:
             raise
         finally:
             self._compute.release()
+            self.metrics.running.labels(self.metrics.service).dec()
         yield result
+
+    def _set_waiting(self, n: int) -> None:
+        self._waiting = n
+        self.metrics.queue_depth.labels(self.metrics.service).set(n)
 
     async def run(self, call: Call, work: Callable[[], Any]) -> Any:
         """work() on a worker thread in the compute slot (see stream)."""
@@ -323,25 +336,25 @@ class ServicerBase:
             self.service.gate.ready = True
 
     async def _unary(self, grpc_context, method: Callable, request):
-        call = Call.from_context(grpc_context)
-        try:
-            return await method(request, call)
-        except asyncio.CancelledError:
-            log_abandoned(self.service.logger, call)
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            await abort_on_error(grpc_context, e, self.service.logger, call)
+        async def one(request, call):
+            yield await method(request, call)
+        (reply,) = [r async for r in self._streaming(grpc_context, one, request, method.__name__)]
+        return reply
 
-    async def _streaming(self, grpc_context, method: Callable, request):
-        call = Call.from_context(grpc_context)
+    async def _streaming(self, grpc_context, method: Callable, request, name: str | None = None):
+        call, t0, code = Call.from_context(grpc_context), time.perf_counter(), "OK"
         try:
             async for reply in method(request, call):
                 yield reply
         except asyncio.CancelledError:
+            code = call.stop_error().code.name
             log_abandoned(self.service.logger, call)
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+            code = status_of(e, call)[0].name
             await abort_on_error(grpc_context, e, self.service.logger, call)
+        finally:
+            self.service.metrics.request_done(name or method.__name__, code, time.perf_counter() - t0)
 
     @classmethod
     def run(cls, config, server: ServerConfig) -> None:
@@ -402,6 +415,8 @@ async def serve(config: ServerConfig, service_names: list[str], add_servicers: C
         service.gate.ready = True
         await _set_health(health, service_names, True)
         log(logger, "model loaded; SERVING")
+        if config.metrics_port is not None:
+            log(logger, "metrics on /metrics", host=config.host, port=service.metrics.serve(config.host, config.metrics_port))
         if hasattr(service, "dependencies_ready"):
             watcher = asyncio.ensure_future(_watch_dependencies(service, health, service_names, config.health_interval_s))
         await stop.wait()
