@@ -222,9 +222,11 @@ def _add_ops(sub) -> None:
 def _add_research(sub) -> None:
     from luvc_common.research.bench import add_bench_parser
     from luvc_common.research.evaluate import add_eval_parser
+    from luvc_common.research.load import add_load_parser
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+    add_load_parser(sub)
     sub.add_parser("train", help="train a tiny Qwen2-VL from scratch on SynthVQA (luvc train --help)", add_help=False)
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a SynthVQA JSONL set")

@@ -1,5 +1,6 @@
 """The two services as real processes on loopback: answers, payload, health, limits, failures."""
 import io
+import json
 import signal
 import subprocess
 import time
@@ -308,3 +309,26 @@ def test_token_auth_and_tls(tiny_qwen2vl, tmp_path):
             assert code == grpc.StatusCode.UNAVAILABLE  # a plaintext client cannot talk to a TLS server
     finally:
         encoder.stop()
+
+
+def test_load_generator_accounts_for_every_request(stack, tmp_path):
+    """`luvc load` through the real client: each level sends exactly --requests, each one answered or
+    refused with RESOURCE_EXHAUSTED (the LLM queues 4); --precomputed sends the encoder's tokens."""
+    from luvc_common.cli import main
+    from luvc_common.research.load import percentile
+
+    encoder, llm = stack
+    out = tmp_path / "load.json"
+    assert main(["load", "--target", llm.target, "--concurrency", "1,8", "--requests", "8", "--max-new-tokens", "4",
+                 "--method", "luvc", "--method", "none", "--json", str(out), "--plot", str(tmp_path / "load.png")]) == 0
+    assert main(["load", "--target", llm.target, "--concurrency", "2", "--requests", "4", "--max-new-tokens", "4",
+                 "--precomputed", "--encoder", encoder.target, "--json", str(tmp_path / "pre.json")]) == 0
+    rows = json.loads(out.read_text())["results"] + json.loads((tmp_path / "pre.json").read_text())["results"]
+    assert [(r["method"], r["concurrency"]) for r in rows] == [("luvc", 1), ("luvc", 8), ("none", 1), ("none", 8), ("luvc", 2)]
+    for r in rows:
+        assert r["requests"] == sum(r["codes"].values()) and set(r["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+        assert r["codes"]["OK"] >= 1 and r["tok_s"] > 0 and r["ttft_p95_ms"] <= r["latency_p95_ms"]
+    assert all(r["codes"] == {"OK": r["requests"]} for r in rows if r["concurrency"] == 1)
+    assert (tmp_path / "load.png").stat().st_size > 0
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0 and percentile([1.0, 2.0], 95) == 2.0 and percentile([], 50) is None
+    assert main(["load", "--target", llm.target, "--precomputed"]) == 2  # no --encoder: a clear error
