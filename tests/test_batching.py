@@ -1,0 +1,101 @@
+"""The batching engine: requests prefilled and decoded together return, token for token, what each
+returns alone; a stopped row leaves without disturbing the others."""
+import threading
+
+import pytest
+
+from luvc_common.compression.methods import method_config
+from luvc_common.config import ModelConfig
+from luvc_common.engine.batching import BatchingEngine, EngineRequest
+from luvc_common.engine.pipeline import Pipeline
+
+QUESTIONS = ["What color is the circle?", "How many squares are there in this picture?", "Where is it?",
+             "What is written on the left of the image, and what color is it?"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_qwen2vl):
+    return Pipeline(ModelConfig(tiny_qwen2vl))
+
+
+def _collect(engine: BatchingEngine, jobs: list[dict]) -> list[dict]:
+    """Run jobs through the engine (all queued at once); per job its tokens and outputs."""
+    done = [threading.Event() for _ in jobs]
+    results = [{"tokens": [], "outputs": []} for _ in jobs]
+
+    def sink(i):
+        def emit(out):
+            results[i]["tokens"] += out.token_ids
+            results[i]["outputs"].append(out)
+            if out.finished:
+                done[i].set()
+        return emit
+
+    engine.add(*[EngineRequest(j["ids"], j["encoded"], j["cfg"], j["max_new"], sink(i), j.get("stopped", lambda: False))
+                 for i, j in enumerate(jobs)])
+    for event in done:
+        assert event.wait(300)
+    return results
+
+
+def _jobs(pipeline, demo_image, demo_video, spec: str) -> list[dict]:
+    """Mixed prompt lengths, media (image, video, both, none) and token limits, one method."""
+    cfg = method_config(spec)
+    media = [[demo_image], [demo_video], [demo_image, demo_video], []]
+    jobs = []
+    for question, items, max_new in zip(QUESTIONS, media, (6, 3, 8, 5)):
+        encoded = pipeline.encoder.encode(items, cfg)
+        jobs.append({"ids": pipeline.generator.prompt_ids(question, encoded), "encoded": encoded, "cfg": cfg, "max_new": max_new,
+                     "question": question})
+    return jobs
+
+
+@pytest.mark.parametrize("spec", ["luvc", "none", "fastv", "tome:keep=0.5"])
+def test_a_batch_returns_what_each_request_returns_alone(pipeline, demo_image, demo_video, spec):
+    jobs = _jobs(pipeline, demo_image, demo_video, spec)
+    alone = [pipeline.generator.generate(j["question"], j["encoded"], j["cfg"], j["max_new"], ids=j["ids"]) for j in jobs]
+    engine = BatchingEngine(pipeline.generator.engine)
+    try:
+        batched = _collect(engine, jobs)
+    finally:
+        engine.close()
+    for a, b in zip(alone, batched):
+        assert b["tokens"] == a.token_ids
+        assert b["outputs"][0].visual_per_layer == a.visual_tokens["llm_per_layer"]
+        assert b["outputs"][0].batch_size == len(jobs)  # prefilled together
+        assert b["outputs"][-1].finished in ("eos", "length")
+
+
+def test_requests_with_other_methods_wait_for_their_own_batch(pipeline, demo_image, demo_video):
+    luvc, none = _jobs(pipeline, demo_image, demo_video, "luvc")[:2], _jobs(pipeline, demo_image, demo_video, "none")[:2]
+    engine = BatchingEngine(pipeline.generator.engine)
+    try:
+        results = _collect(engine, [luvc[0], none[0], luvc[1], none[1]])
+    finally:
+        engine.close()
+    assert [r["outputs"][0].batch_size for r in results] == [2, 2, 2, 2]
+    for job, r in zip([luvc[0], none[0], luvc[1], none[1]], results):
+        alone = pipeline.generator.generate(job["question"], job["encoded"], job["cfg"], job["max_new"], ids=job["ids"])
+        assert r["tokens"] == alone.token_ids
+
+
+def test_a_stopped_row_leaves_and_the_others_are_undisturbed(pipeline, demo_image, demo_video):
+    jobs = _jobs(pipeline, demo_image, demo_video, "luvc")
+    for j in jobs:
+        j["max_new"] = 8
+    calls = {"n": 0}
+
+    def stop_after_two_steps():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    jobs[1]["stopped"] = stop_after_two_steps
+    alone = [pipeline.generator.generate(j["question"], j["encoded"], j["cfg"], j["max_new"], ids=j["ids"]).token_ids for j in jobs]
+    engine = BatchingEngine(pipeline.generator.engine)
+    try:
+        results = _collect(engine, jobs)
+    finally:
+        engine.close()
+    assert results[1]["outputs"][-1].finished == "stopped" and results[1]["tokens"] == alone[1][: len(results[1]["tokens"])]
+    assert len(results[1]["tokens"]) <= 2
+    assert [r["tokens"] for i, r in enumerate(results) if i != 1] == [t for i, t in enumerate(alone) if i != 1]
