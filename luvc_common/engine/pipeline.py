@@ -147,20 +147,23 @@ class TextGenerator:
         """`ids`: the prompt ids when the caller has already built them with prompt_ids()."""
         self.check(question, max_new_tokens)
         ids = ids or self.prompt_ids(question, encoded)
-        request = Request(ids, encoded)
-        gen = self.engine.generate([request], compression, max_new_tokens, on_step=on_step)
-        tokens = gen.token_ids[0]
+        gen = self.engine.generate([Request(ids, encoded)], compression, max_new_tokens, on_step=on_step)
+        return self.result(ids, encoded, compression, gen.token_ids[0], gen.visual_per_layer[0], gen.prefill_ms, gen.decode_ms)
+
+    def result(self, ids: list[int], encoded: EncodedMedia, compression: CompressionConfig, tokens: list[int],
+               visual_per_layer: list[int], prefill_ms: float, decode_ms: float) -> GenerateResult:
+        """The record of one answered request."""
         return GenerateResult(
             model=self.model_path, method=method_spec(compression), prompt_ids=ids, token_ids=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             visual_tokens={
                 "vit_patches": encoded.vit_patches,
                 "encoder_out": len(encoded.embeds),
-                "llm_per_layer": gen.visual_per_layer[0],
+                "llm_per_layer": visual_per_layer,
                 "grids": [list(g) for g in encoded.grids],
                 "source_grids": [list(g) for g in encoded.source_grids],
             },
-            timings_ms={"encode": encoded.encode_ms, "prefill": gen.prefill_ms, "decode": gen.decode_ms},
+            timings_ms={"encode": encoded.encode_ms, "prefill": prefill_ms, "decode": decode_ms},
         )
 
 
