@@ -1,0 +1,189 @@
+"""InternVL through the family adapter, on tiny random checkpoints made by the repo's own writer
+(112-pixel tiles of 8 x 8 patches): stock transformers equality with compression off, OIM and SPU
+counts, cached decode, split loading, clear errors. Parametrised over the LLM (Qwen2 and Llama)."""
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+import conftest
+from luvc_common.compression.config import SPUConfig
+from luvc_common.compression.methods import method_config
+from luvc_common.config import Limits, ModelConfig
+from luvc_common.engine.language import Request
+from luvc_common.engine.media import Media, decode_image
+from luvc_common.engine.pipeline import Pipeline, encode
+from luvc_common.errors import MediaError, PromptError
+from luvc_common.models.internvl import FAMILY
+from luvc_common.models.loading import load_model
+from luvc_common.models.tiny import save_random_checkpoint
+
+QUESTION = "What color is the circle?"
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def tiny_internvl(request, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp(f"internvl-{request.param}")
+    return str(save_random_checkpoint(out, "internvl", seed=1, text_model_type=request.param))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_internvl):
+    return Pipeline(ModelConfig(tiny_internvl))
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_internvl):
+    return AutoModelForImageTextToText.from_pretrained(tiny_internvl, dtype=torch.float32).eval()
+
+
+def _square_image() -> Media:
+    """4:3, so the processor cuts 12 tiles (4 x 3) and adds a thumbnail."""
+    buf = io.BytesIO()
+    Image.new("RGB", (333, 250), (240, 230, 220)).save(buf, "PNG")
+    img = decode_image(buf.getvalue(), Limits())
+    img.paste((200, 20, 20), (40, 60, 120, 140))
+    return Media("image", [img])
+
+
+def _stock_generate(stock, pipeline, media, ids, steps):
+    pixels, _ = pipeline.encoder.family.patchify(media, pipeline.encoder.image_processor)
+    out = stock.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=steps, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(ids):].tolist()
+    eos = stock.config.text_config.eos_token_id
+    return (tokens[: tokens.index(eos)] if eos in tokens else tokens), [s[0].float() for s in out.scores]
+
+
+def test_checkpoint_is_a_standard_hf_directory(tiny_internvl, stock, demo_image):
+    processor = AutoImageProcessor.from_pretrained(tiny_internvl)
+    assert type(processor).__name__ == "GotOcr2ImageProcessorPil" and processor.crop_to_patches
+    tokenizer = AutoTokenizer.from_pretrained(tiny_internvl)
+    assert tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == stock.config.image_token_id
+    assert {"<img>", "</img>", "<IMG_CONTEXT>"} <= set(tokenizer.get_vocab())
+    tiles = processor(images=demo_image.frames[0], return_tensors="pt")["pixel_values"]
+    assert tiles.shape == (9, 3, 112, 112)  # 644 x 364: 4 x 2 tiles and the thumbnail
+
+
+def test_tower_equals_stock_image_features(pipeline, stock, demo_image):
+    pixels, grids = pipeline.encoder.family.patchify([demo_image, _square_image()], pipeline.encoder.image_processor)
+    assert grids.tolist() == [[9, 8, 8], [13, 8, 8]]
+    ours = encode(pipeline.encoder.tower, pixels, grids)
+    theirs = stock.model.get_image_features(pixel_values=pixels).pooler_output.flatten(0, 1)
+    assert ours.grids == [(9, 8, 8), (13, 8, 8)]
+    assert torch.allclose(ours.embeds, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["one image", "two images"])
+def test_compression_off_equals_stock_generate(case, pipeline, stock, demo_image):
+    media = [demo_image] if case == "one image" else [demo_image, _square_image()]
+    encoded = pipeline.encoder.encode(media, None)
+    ids = pipeline.generator.prompt_ids(QUESTION, encoded)
+    ours, logits = conftest.generate_with_logits(pipeline.generator.engine, [Request(ids, encoded)], None, 8)
+    tokens, scores = _stock_generate(stock, pipeline, media, ids, 8)
+    assert len(scores) >= 2 and ours.token_ids[0] == tokens
+    for a, b in zip(logits, scores):
+        assert torch.allclose(a[0], b, atol=1e-4)
+    result = pipeline.generate(media, QUESTION, method_config("none"), 8)
+    assert result.token_ids == tokens and result.visual_tokens["llm_per_layer"] == [len(encoded.embeds)] * 4
+
+
+def test_prompt_has_one_contiguous_run_per_image(pipeline, demo_image):
+    encoded = pipeline.encoder.encode([demo_image, _square_image()], None)
+    tokens = pipeline.generator.tokenizer.convert_ids_to_tokens(pipeline.generator.prompt_ids(QUESTION, encoded))
+    runs = " ".join(tokens).split("<img> ")[1:]
+    assert [run.split(" </img>")[0].split() for run in runs] == [["<IMG_CONTEXT>"] * 9 * 16, ["<IMG_CONTEXT>"] * 13 * 16]
+
+
+def test_oim_at_most_halves_the_encoder_output_on_one_shared_grid(pipeline, demo_image):
+    media = [demo_image, _square_image()]
+    none = pipeline.generate(media, QUESTION, method_config("none"), 4)
+    oim = pipeline.generate(media, QUESTION, method_config("luvc", spu=None), 4)
+    assert oim.visual_tokens["vit_patches"] == none.visual_tokens["vit_patches"] == 22 * 64
+    assert 2 * oim.visual_tokens["encoder_out"] <= none.visual_tokens["encoder_out"]
+    assert oim.visual_tokens["grids"] == [[9, 8, 4], [13, 8, 4]]  # every tile merged along w alike
+    assert oim.visual_tokens["llm_per_layer"] == [oim.visual_tokens["encoder_out"]] * 4
+
+
+def test_spu_counts_follow_the_schedule_and_end_at_zero(pipeline, demo_image):
+    gen = pipeline.generator
+    encoded = pipeline.encoder.encode([demo_image, _square_image()], method_config("luvc"))
+    ids = gen.prompt_ids(QUESTION, encoded)
+    spu = SPUConfig(stages=((0.25, 0.5), (0.5, 0.2), (0.75, 0.0)))
+    state = gen.engine.prefill([Request(ids, encoded)], method_config("luvc", spu=spu))
+    per_item = encoded.token_counts(2)
+    expected = [len(encoded.embeds), *(sum(round(r * n) for n in per_item) for r in (0.5, 0.2, 0.0))]
+    assert state.visual_per_layer[0] == expected
+    assert [layer.keys.shape[2] for layer in state.cache.layers] == [len(ids) - expected[0] + n for n in expected]
+    result = pipeline.generate([demo_image], QUESTION, method_config("luvc"), 4)
+    assert result.visual_tokens["llm_per_layer"][-1] == 0
+
+
+@pytest.mark.parametrize("method", ["none", "luvc"])
+def test_cached_decode_equals_recomputation(pipeline, demo_image, method):
+    gen = pipeline.generator
+    cfg = method_config(method)
+    encoded = pipeline.encoder.encode([demo_image], cfg)
+    ids = gen.prompt_ids(QUESTION, encoded)
+    continuation = gen.tokenizer("the circle is blue", add_special_tokens=False)["input_ids"]
+    state = gen.engine.prefill([Request(ids, encoded)], cfg)
+    for k, token in enumerate(continuation):
+        cached = gen.engine.decode_step(state, torch.tensor([token]))
+        fresh = gen.engine.prefill([Request(ids + continuation[: k + 1], encoded)], cfg)
+        assert torch.allclose(fresh.logits, cached, atol=1e-4), f"step {k}"
+
+
+def test_batch_with_padding_equals_requests_alone(pipeline, demo_image):
+    """1D positions count from each row's first real token, so left padding changes nothing."""
+    gen = pipeline.generator
+    cfg = method_config("luvc")
+    a = pipeline.encoder.encode([demo_image], cfg)
+    b = pipeline.encoder.encode([_square_image()], cfg)
+    ra, rb = Request(gen.prompt_ids(QUESTION, a), a), Request(gen.prompt_ids("Where is the red square?", b), b)
+    together = gen.engine.generate([ra, rb], cfg, 4)
+    alone = [gen.engine.generate([r], cfg, 4) for r in (ra, rb)]
+    assert together.token_ids == [alone[0].token_ids[0], alone[1].token_ids[0]]
+
+
+def test_halves_load_only_their_own_weights(tiny_internvl):
+    vision = load_model(ModelConfig(tiny_internvl), "vision")
+    language = load_model(ModelConfig(tiny_internvl), "language")
+    vision_names = {n for n, _ in vision.named_parameters()}
+    language_names = {n for n, _ in language.named_parameters()}
+    assert vision_names and all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n in vision_names)
+    assert language_names and not any("vision_tower" in n or "multi_modal_projector" in n for n in language_names)
+
+
+def test_bad_input_gets_a_clear_error(pipeline, demo_image, demo_video):
+    with pytest.raises(MediaError, match="video"):
+        pipeline.generate([demo_video], QUESTION, method_config("none"), 2)
+    encoded = pipeline.encoder.encode([demo_image], None)
+    ids = pipeline.generator.prompt_ids(QUESTION, encoded)
+    start = ids.index(pipeline.generator.tokenizer.convert_tokens_to_ids("<img>")) + 1
+    with pytest.raises(PromptError, match="placeholder tokens"):
+        pipeline.generator.engine.prefill([Request(ids[:start] + ids[start + 1 :], encoded)], None)
+    with pytest.raises(PromptError, match="contiguous"):
+        split = ids[: start + 5] + [ids[1]] + ids[start + 5 : -1]
+        pipeline.generator.engine.prefill([Request(split, encoded)], None)
+
+
+def test_canonical_key_maps_the_transformers_4_layout():
+    assert FAMILY.canonical_key("language_model.model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+    assert FAMILY.canonical_key("language_model.lm_head.weight") == "lm_head.weight"
+    assert FAMILY.canonical_key("vision_tower.embeddings.cls_token") == "model.vision_tower.embeddings.cls_token"
+    assert FAMILY.canonical_key("multi_modal_projector.linear_1.bias") == "model.multi_modal_projector.linear_1.bias"
+    assert FAMILY.canonical_key("model.language_model.norm.weight") == "model.language_model.norm.weight"
+
+
+def test_cli_generate_on_an_internvl_directory(tiny_internvl):
+    cmd = [sys.executable, "-m", "luvc_common.cli", "generate", "--model", tiny_internvl, "--image",
+           str(conftest.ASSETS / "demo.png"), "--prompt", QUESTION, "--max-new-tokens", "4", "--json"]
+    runs = {m: json.loads(subprocess.run(cmd + ["--method", m], capture_output=True, text=True, check=True).stdout)
+            for m in ("none", "luvc")}
+    assert 2 * runs["luvc"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
+    assert runs["luvc"]["visual_tokens"]["llm_per_layer"][-1] == 0
