@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import AsyncIterator
 
 import grpc
 from tokenizers.decoders import DecodeStream
@@ -14,6 +15,7 @@ from luvc_common.config import REQUEST_ID
 
 from luvc_common.compression.methods import method_config
 from luvc_common.serving.messages import encoded_from_proto, uncompressed_payload_bytes
+from luvc_common.engine.batching import BatchingEngine, EngineRequest, Output
 from luvc_common.engine.pipeline import EncodedMedia, GenerateResult, TextGenerator
 from luvc_common.errors import PromptError, shorten
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
@@ -34,12 +36,14 @@ class LLMService:
         self.gate = Gate(server, self.metrics)
         self.logger = get_logger("llm")
         self.generator: TextGenerator | None = None
+        self.batcher: BatchingEngine | None = None
         self._encoder_channel: grpc.aio.Channel | None = None
 
     def load(self) -> None:
         self.generator = TextGenerator(self.config.model, self.config.limits)
         nothing = EncodedMedia.empty(self.generator.engine.config.text_config.hidden_size)
         self.generator.generate("warm up", nothing, method_config("none"), 2)  # first-call costs before SERVING
+        self.batcher = BatchingEngine(self.generator.engine, self.config.max_batch, self.config.max_batch_tokens)
 
     def _channel(self) -> grpc.aio.Channel:
         if self._encoder_channel is None:  # channels bind to the running event loop: create lazily
@@ -97,8 +101,8 @@ class LLMService:
         """Yield GenerateResponse chunks of new text; the last one carries GenerateStats.
 
         Cheap checks (sizes, method, limits) run first on the event loop; parsing tokens and
-        tokenizing run on threads; the model runs in the compute slot and stops between decode
-        steps once the call is cancelled or past its deadline."""
+        tokenizing run on threads; then the request joins the batching engine's queue, whose worker
+        drops its row once the call is cancelled or past its deadline."""
         self.gate.admit(call)
         t_start = time.perf_counter()
         spec = request.method or self.config.default_method
@@ -112,32 +116,61 @@ class LLMService:
             await asyncio.to_thread(encoded_from_proto, visual, hidden, engine.unit, self.config.limits)
         ids = await asyncio.to_thread(gen.prompt_ids, request.prompt, encoded)  # validate before queueing
 
-        def work(emit):
-            result = gen.generate(request.prompt, encoded, method, max_new, ids=ids,
-                                  on_step=lambda new, _logits: (emit(new[0]), not call.stopped())[1])
-            call.check()  # a generation cut short by a cancel or deadline is not an answer
-            return result
-
-        text, detokenizer, first = "", DecodeStream(skip_special_tokens=True), True  # incremental: each token decoded once
-        async for item in self.gate.stream(call, work):
-            if isinstance(item, GenerateResult):
-                result = item
-            elif item:
-                if first:
-                    self.metrics.ttft.labels(spec).observe(time.perf_counter() - t_start)
-                    first = False
-                new = "".join(filter(None, (detokenizer.step(gen.tokenizer.backend_tokenizer, t) for t in item)))
-                yield luvc_pb2.GenerateResponse(text=new, token_ids=item)
+        tokens, text, detokenizer = [], "", DecodeStream(skip_special_tokens=True)  # incremental: each token decoded once
+        first = last = None
+        async for out in self._submit(EngineRequest(ids, encoded, method, max_new, lambda _: None, call.stopped), call):
+            t_last = time.perf_counter()
+            if first is None:
+                first, t_first = out, t_last
+            if out.token_ids:
+                if not tokens:
+                    self.metrics.ttft.labels(spec).observe(t_last - t_start)
+                tokens += out.token_ids
+                new = "".join(filter(None, (detokenizer.step(gen.tokenizer.backend_tokenizer, t) for t in out.token_ids)))
+                yield luvc_pb2.GenerateResponse(text=new, token_ids=out.token_ids)
                 text += new
+            last = out
+        if last.finished == "error":
+            raise last.error
+        if last.finished == "stopped":
+            raise call.stop_error()
+        result = gen.result(ids, encoded, method, tokens, first.visual_per_layer, first.prefill_ms, (t_last - t_first) * 1e3)
         timings = {"encode": encoded.encode_ms, "transfer": max(0.0, round_trip_ms - encoded.encode_ms),
-                   "prefill": result.timings_ms["prefill"], "decode": result.timings_ms["decode"],
-                   "total": (time.perf_counter() - t_start) * 1e3}
+                   "prefill": first.prefill_ms, "decode": result.timings_ms["decode"], "total": (time.perf_counter() - t_start) * 1e3}
         stats = self._stats(result, spec, visual, timings, call)
         self._record(result, spec, stats)
         log(self.logger, "generated", request_id=call.request_id, method=spec, prompt_tokens=len(result.prompt_ids),
             new_tokens=len(result.token_ids), llm_per_layer=result.visual_tokens["llm_per_layer"], payload_bytes=stats.payload_bytes,
-            **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
+            batch_size=first.batch_size, **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
+
+    async def _submit(self, engine_request: EngineRequest, call: Call) -> AsyncIterator[Output]:
+        """Queue the request in the batching engine (RESOURCE_EXHAUSTED beyond max_queue waiting) and
+        yield its outputs up to the finished one. A consumer that goes away stops the request, so the
+        engine drops its row at its next step."""
+        waiting, _ = self.batcher.load
+        if waiting >= self.server.max_queue:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {waiting} requests queued (max_queue={self.server.max_queue})")
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        engine_request.emit = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+        self.batcher.add(engine_request)
+        self._observe_load()
+        try:
+            while True:
+                out = await outputs.get()
+                if out.batch_size:
+                    self.metrics.batch_size.labels("llm").observe(out.batch_size)
+                yield out
+                if out.finished:
+                    return
+        finally:
+            call.stop.set()  # a no-op once finished; otherwise the engine drops the row
+            self._observe_load()
+
+    def _observe_load(self) -> None:
+        waiting, running = self.batcher.load
+        self.metrics.queue_depth.labels("llm").set(waiting)
+        self.metrics.running.labels("llm").set(running)
 
     def _record(self, result: GenerateResult, spec: str, stats: luvc_pb2.GenerateStats) -> None:
         m = self.metrics

@@ -102,6 +102,7 @@ def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(
               "--wire-dtype": "FP16", "--max-message-mb": "3", "--max-queue": "5", "--grace-s": "7.5", "--health-interval-s": "0.5",
               "--auth-token": "at", "--model": "/m", "--dtype": "float16", "--device": "cpu",
               "--attn-implementation": "eager", "--default-method": "fastv", "--default-max-new-tokens": "9", "--encoder-application": "enc",
+              "--max-batch": "3", "--max-batch-tokens": "999",
               "--max-media": "2", "--max-image-pixels": "1001", "--max-frames": "3", "--max-request-pixels": "1002",
               "--max-vit-patches": "1003", "--max-prompt-chars": "1004", "--max-prompt-tokens": "1005", "--max-new-tokens": "6"}
     parser_flags = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["serve"]._subparsers._group_actions[0]
