@@ -1,5 +1,5 @@
 """The batching engine: requests prefilled and decoded together return, token for token, what each
-returns alone; a stopped row leaves without disturbing the others."""
+returns alone (prefilled together or joined during decode); a stopped row leaves without disturbing the others."""
 import threading
 
 import pytest
@@ -66,7 +66,7 @@ def test_a_batch_returns_what_each_request_returns_alone(pipeline, demo_image, d
         assert b["outputs"][-1].finished in ("eos", "length")
 
 
-def test_requests_with_other_methods_wait_for_their_own_batch(pipeline, demo_image, demo_video):
+def test_requests_with_other_methods_are_prefilled_in_their_own_group(pipeline, demo_image, demo_video):
     luvc, none = _jobs(pipeline, demo_image, demo_video, "luvc")[:2], _jobs(pipeline, demo_image, demo_video, "none")[:2]
     engine = BatchingEngine(pipeline.generator.engine)
     try:
@@ -99,3 +99,36 @@ def test_a_stopped_row_leaves_and_the_others_are_undisturbed(pipeline, demo_imag
     assert results[1]["outputs"][-1].finished == "stopped" and results[1]["tokens"] == alone[1][: len(results[1]["tokens"])]
     assert len(results[1]["tokens"]) <= 2
     assert [r["tokens"] for i, r in enumerate(results) if i != 1] == [t for i, t in enumerate(alone) if i != 1]
+
+
+def test_requests_arriving_during_decode_join_the_running_batch(pipeline, demo_image, demo_video):
+    """A and B run; C (another method, another length) and D arrive after A's first tokens and join at a
+    step boundary: everyone's tokens equal their answer alone, and C starts before A finishes."""
+    luvc = _jobs(pipeline, demo_image, demo_video, "luvc")
+    jobs = [dict(luvc[0], max_new=12), dict(luvc[1], max_new=12), _jobs(pipeline, demo_image, demo_video, "fastv")[2], luvc[3]]
+    alone = [pipeline.generator.generate(j["question"], j["encoded"], j["cfg"], j["max_new"], ids=j["ids"]).token_ids for j in jobs]
+    events, a_started, done = [], threading.Event(), [threading.Event() for _ in jobs]
+    results = [[] for _ in jobs]
+
+    def sink(i):
+        def emit(out):
+            results[i] += out.token_ids
+            events.append((i, out.finished))
+            if i == 0 and len(results[0]) >= 2:
+                a_started.set()
+            if out.finished:
+                done[i].set()
+        return emit
+
+    requests = [EngineRequest(j["ids"], j["encoded"], j["cfg"], j["max_new"], sink(i)) for i, j in enumerate(jobs)]
+    engine = BatchingEngine(pipeline.generator.engine)
+    try:
+        engine.add(*requests[:2])
+        assert a_started.wait(300)
+        engine.add(*requests[2:])
+        for event in done:
+            assert event.wait(300)
+    finally:
+        engine.close()
+    assert results == alone
+    assert events.index((2, None)) < events.index((0, "length"))  # C joined while A was decoding

@@ -1,12 +1,14 @@
 """The batching LLM engine: requests arrive from any thread; one worker thread owns the model.
 
 In the spirit of vLLM's engine core, the transport only calls `add` (with a thread-safe sink for the
-request's outputs) and lets a request's `stopped()` turn true to abort it. The worker takes every
-request waiting when it is free that shares the first one's compression config (up to `max_batch`
-requests and `max_batch_tokens` prompt tokens), prefills them together (left-padded; each row is
-pruned by its own items' schedule) and decodes them together. A row leaves the batch on EOS, on its
-token limit or when stopped, and its rows are dropped from every layer's KV cache; the batch runs
-until its last row leaves. Requests that arrive meanwhile wait for the next batch.
+request's outputs) and lets a request's `stopped()` turn true to abort it. The worker loops over
+steps. At each step boundary it takes the first waiting request and every other waiting one with the
+same compression config (up to `max_batch` rows in all and `max_batch_tokens` prompt tokens),
+prefills them together (left-padded; each row pruned by its own items' schedule) and joins them to
+the running batch: nothing is pruned during decode, so rows of any method decode together, their
+per-layer KV caches concatenated with left padding. Then one token is chosen for every row and one
+decode step runs. A row leaves on EOS, on its token limit or when stopped, and is dropped from every
+layer's cache.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from luvc_common.compression.config import CompressionConfig
 from luvc_common.compression.visual import VisualTokens
@@ -62,6 +66,30 @@ def drop_rows(state: PrefillState, keep: list[int]) -> None:
     state.next_position = state.next_position[index]
 
 
+def _left_pad(x: Tensor, length: int, dim: int) -> Tensor:
+    pad = [0, 0] * (x.dim() - 1 - dim) + [length - x.shape[dim], 0]
+    return F.pad(x, pad, value=False if x.dtype == torch.bool else 0)
+
+
+def join_rows(state: PrefillState, new: PrefillState) -> None:
+    """Append `new`'s rows to a running batch: per layer, both caches left-padded to the longer one
+    (padding is masked out, and rotary positions are already in the keys)."""
+    for layer, (mine, theirs) in enumerate(zip(state.cache.layers, new.cache.layers)):
+        length = max(mine.keys.shape[2], theirs.keys.shape[2])
+        mine.keys, mine.values = (torch.cat([_left_pad(a, length, 2), _left_pad(b, length, 2)])
+                                  for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)))
+        valid, other = state.layer_valid[layer], new.layer_valid[layer]
+        state.layer_valid[layer] = torch.cat([_left_pad(valid, length, 1), _left_pad(other.to(valid.device), length, 1)])
+    state.next_position = torch.cat([state.next_position, new.next_position])
+
+
+@dataclass
+class _Row:
+    request: EngineRequest
+    first: Output | None
+    """Metadata for the row's first output, until it is sent."""
+
+
 class BatchingEngine:
     def __init__(self, engine: LanguageEngine, max_batch: int = 16, max_batch_tokens: int = 32768):
         self.engine = engine
@@ -76,7 +104,7 @@ class BatchingEngine:
         self._worker.start()
 
     def add(self, *requests: EngineRequest) -> None:
-        """Queue requests (several at once: they can share the next batch)."""
+        """Queue requests (several at once: they can share one prefill)."""
         with self._wake:
             self._waiting.extend(requests)
             self._wake.notify()
@@ -92,66 +120,83 @@ class BatchingEngine:
             self._wake.notify()
         self._worker.join()
 
-    def _next_batch(self) -> list[EngineRequest]:
-        """Block until requests wait; take the first and every later one with the same compression, within the limits."""
+    def _take(self, room: int, block: bool) -> list[EngineRequest] | None:
+        """The next prefill group: the first waiting request and every later one with the same compression,
+        at most `room` requests and max_batch_tokens prompt tokens. Blocks while nothing waits and `block`;
+        None once closed."""
         with self._wake:
-            while not self._waiting and not self._closed:
+            while block and not self._waiting and not self._closed:
                 self._wake.wait()
             if self._closed:
-                return []
-            batch, tokens, rest = [], 0, deque()
+                return None
+            group, tokens, rest = [], 0, deque()
             while self._waiting:
                 r = self._waiting.popleft()
-                fits = len(batch) < self.max_batch and (not batch or tokens + len(r.input_ids) <= self.max_batch_tokens)
-                if fits and (not batch or r.compression == batch[0].compression):
-                    batch.append(r)
+                fits = len(group) < room and (not group or tokens + len(r.input_ids) <= self.max_batch_tokens)
+                if fits and (not group or r.compression == group[0].compression):
+                    group.append(r)
                     tokens += len(r.input_ids)
                 else:
                     rest.append(r)
             self._waiting = rest
-            self._running = len(batch)
-            return batch
+            return group
 
     def _loop(self) -> None:
-        while batch := self._next_batch():
+        state, rows, logits = None, [], None
+        while (group := self._take(self.max_batch - len(rows), block=not rows)) is not None:
+            if group:
+                try:
+                    new, prefill_ms = self._prefill(group)
+                except Exception as e:  # noqa: BLE001 - the group's requests get the error; running rows go on
+                    for r in group:
+                        r.emit(Output([], "error", error=e))
+                else:
+                    if state is None:
+                        state, logits = new, new.logits
+                    else:
+                        join_rows(state, new)
+                        logits = torch.cat([logits, new.logits.to(logits.device)])
+                    rows += [_Row(r, Output([], visual_per_layer=v, prefill_ms=prefill_ms, batch_size=len(group)))
+                             for r, v in zip(group, new.visual_per_layer)]
+            self._running = len(rows)
+            if not rows:
+                continue
             try:
-                self._run(batch)
-            except BaseException as e:  # noqa: BLE001 - every request of a failed batch gets the error
-                for r in batch:
-                    r.emit(Output([], "error", error=e))
-            finally:
-                self._running = 0
+                state, rows, logits = self._step(state, rows, logits)
+            except Exception as e:  # noqa: BLE001 - every running request gets the error
+                for row in rows:
+                    row.request.emit(Output([], "error", error=e))
+                state, rows, logits = None, [], None
+            self._running = len(rows)
 
     @torch.no_grad()
-    def _run(self, batch: list[EngineRequest]) -> None:
+    def _prefill(self, group: list[EngineRequest]) -> tuple[PrefillState, float]:
+        """The group's prefill state and its time in ms."""
         t0 = time.perf_counter()
-        state = self.engine.prefill([Request(r.input_ids, r.visual) for r in batch], batch[0].compression)
-        logits = state.logits
-        prefill_ms = (time.perf_counter() - t0) * 1e3
-        rows, first = list(batch), True
-        while rows:
-            tokens = logits.argmax(-1).cpu()
-            keep = []
-            for i, (r, token) in enumerate(zip(rows, tokens.tolist())):
-                out = Output([])
-                if first:  # rows are still the whole batch, in order
-                    out.visual_per_layer, out.prefill_ms, out.batch_size = state.visual_per_layer[i], prefill_ms, len(batch)
-                if r.stopped():
-                    out.finished = "stopped"
-                elif token in self.eos:
-                    out.finished = "eos"
-                else:
-                    out.token_ids = [token]
-                    r.generated += 1
-                    out.finished = "length" if r.generated >= r.max_new_tokens else None
-                r.emit(out)
-                if out.finished is None:
-                    keep.append(i)
-            first = False
-            if len(keep) < len(rows) and keep:
-                drop_rows(state, keep)
-                tokens = tokens[keep]
-            rows = [rows[i] for i in keep]
-            self._running = len(rows)
-            if rows:
-                logits = self.engine.decode_step(state, tokens)
+        state = self.engine.prefill([Request(r.input_ids, r.visual) for r in group], group[0].compression)
+        state.logits.cpu()  # waits for the device
+        return state, (time.perf_counter() - t0) * 1e3
+
+    @torch.no_grad()
+    def _step(self, state: PrefillState, rows: list[_Row], logits: Tensor):
+        """Choose every row's next token, send it, drop the rows that finished, decode the rest one step."""
+        tokens = logits.argmax(-1).cpu()
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            out, row.first, r = row.first or Output([]), None, row.request
+            if r.stopped():
+                out.finished = "stopped"
+            elif token in self.eos:
+                out.finished = "eos"
+            else:
+                out.token_ids = [token]
+                r.generated += 1
+                out.finished = "length" if r.generated >= r.max_new_tokens else None
+            r.emit(out)
+            if out.finished is None:
+                keep.append(i)
+        if not keep:
+            return None, [], None
+        if len(keep) < len(rows):
+            drop_rows(state, keep)
+        return state, [rows[i] for i in keep], self.engine.decode_step(state, tokens[keep])
