@@ -187,3 +187,36 @@ def test_cli_generate_on_an_internvl_directory(tiny_internvl):
             for m in ("none", "luvc")}
     assert 2 * runs["luvc"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
     assert runs["luvc"]["visual_tokens"]["llm_per_layer"][-1] == 0
+
+
+@pytest.mark.parametrize("spec, keep", [("fastv:keep=0.3", 0.3), ("dart:keep=0.3", 0.3), ("pool:keep=0.25", 0.25),
+                                        ("random:keep=0.4", 0.4), ("tome:keep=0.25", 0.25), ("visionzip:keep=0.5", 0.5)])
+def test_baselines_keep_their_budget(pipeline, demo_image, spec, keep):
+    full = len(pipeline.encoder.encode([demo_image], None).embeds)
+    result = pipeline.generate([demo_image], QUESTION, method_config(spec), 3)
+    last = result.visual_tokens["llm_per_layer"][-1]
+    assert abs(last - keep * full) <= 9  # per-tile rounding (tome) on 9 tiles
+    assert result.token_ids
+
+
+def test_proportional_block_without_sizes_is_the_block(pipeline, demo_image):
+    """ToMe's block with all sizes 1 (zero bias) is the stock block, the tile's CLS token included."""
+    tower = pipeline.encoder.tower
+    pixels, grids = pipeline.encoder.family.patchify([demo_image], pipeline.encoder.image_processor)
+    tokens = tower.embed(pixels[:1], torch.tensor([[1, 8, 8]]))
+    stock = tower.run_blocks(tokens, range(1))
+    ours = tower.proportional_block(0, tokens.hidden, tokens.positions, torch.zeros(64))
+    assert torch.allclose(ours, stock, atol=1e-5)
+
+
+def test_spu_resample_mode_on_1d_positions(pipeline, demo_image):
+    gen = pipeline.generator
+    cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
+    encoded = pipeline.encoder.encode([demo_image], cfg)
+    ids = gen.prompt_ids(QUESTION, encoded)
+    state = gen.engine.prefill([Request(ids, encoded)], cfg)
+    assert state.visual_per_layer[0][0] == len(encoded.embeds) and state.visual_per_layer[0][-1] == 0
+    token = gen.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    cached = gen.engine.decode_step(state, torch.tensor([token]))
+    fresh = gen.engine.prefill([Request(ids + [token], encoded)], cfg)
+    assert torch.allclose(fresh.logits, cached, atol=1e-4)

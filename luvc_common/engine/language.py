@@ -137,7 +137,8 @@ class LanguageEngine:
             for s, g in zip(spans[b], r.visual.grids):
                 (image_grids if token_type[b, s.start] == 1 else video_grids).append(list(g))
         position_ids = self.family.position_ids(self.model, ids, token_type, image_grids, video_grids, valid).to(device)
-        next_position = (position_ids.reshape(-1, *ids.shape).amax(dim=(0, 2)) + 1).cpu()  # (axes, B, L) or (B, L)
+        positions = position_ids.reshape(-1, *ids.shape)  # (axes, B, L) whatever the family's shape: one axis for 1D RoPE
+        next_position = (positions.amax(dim=(0, 2)) + 1).cpu()
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
         source = torch.where(valid & ~absent, torch.arange(width).expand_as(ids), -1)
         if absent.any():  # cells the encoder dropped: their placeholders never enter a layer
@@ -150,8 +151,8 @@ class LanguageEngine:
         attention = None
         for i, layer in enumerate(self.lm.layers):
             if pruner and i in pruner.layers:
-                inputs = LayerInputs(i, hidden, cos, sin, source, spans, position_ids, lambda k: cache.layers[k].keys,
-                                     self.lm.norm, self.lm.rotary_emb, attention)
+                inputs = LayerInputs(i, hidden, cos, sin, source, spans, positions, lambda k: cache.layers[k].keys,
+                                     self.lm.norm, self._rotary(position_ids.shape[:-2]), attention)
                 hidden, cos, sin, source, valid = _pad_rows(pruner.prune(inputs))
             for b in range(len(requests)):
                 visual_per_layer[b].append(sum(len(members(source[b], s)) for s in spans[b]))
@@ -163,6 +164,11 @@ class LanguageEngine:
                 attention = self.family.last_query_attention(layer, layer_in, cos, sin, cache.layers[i].keys, valid)
         logits = self.model.lm_head(self.lm.norm(hidden[:, -1]))
         return PrefillState(cache, layer_valid, next_position, logits.float(), visual_per_layer)
+
+    def _rotary(self, axes: torch.Size) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The rotary embedding taking (axes, B, L) positions, for a family whose position ids have
+        leading dims `axes` (none for 1D RoPE)."""
+        return lambda x, pos: self.lm.rotary_emb(x, pos.reshape(*axes, *pos.shape[1:]))
 
     @torch.no_grad()
     def decode_step(self, state: PrefillState, tokens: Tensor) -> Tensor:

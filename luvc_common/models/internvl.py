@@ -9,6 +9,11 @@ share one merged grid. The pixel-shuffle projector turns each unit x unit patch 
 token; on block-major tokens that is a plain reshape, so it works on a merged (non-square) grid,
 which `get_image_features`' square reshape cannot. The LLM (Qwen2, Qwen3 or Llama) uses plain 1D
 RoPE, so kept tokens keep their original position ids after pruning.
+
+SPU sees an image as its (tiles, h, w) LLM-token grid, so its low-pass filter runs on each tile (the
+thumbnail included) as its own 2D signal; the tile mosaic is not stitched back into one grid.
+Video (one tile per frame, each frame its own `Frame{i}: <img>...</img>` run) is not supported yet:
+the prompt builder makes one placeholder run per media item.
 """
 from __future__ import annotations
 

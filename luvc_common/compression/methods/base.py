@@ -78,13 +78,13 @@ class LayerInputs:
     spans: list[list[Span]]
     """Per row, its media items' placeholder runs (original prompt coordinates)."""
     positions: Tensor
-    """(3, B, L0) the original prompt's M-RoPE position ids."""
+    """(axes, B, L0) the original prompt's position ids: one axis for 1D RoPE, three for Qwen's M-RoPE."""
     cached_keys: Callable[[int], Tensor]
     """layer -> (B, kv_heads, L, head_dim) keys that layer cached (rotated), for the tokens it saw."""
     norm: Callable[[Tensor], Tensor]
     """The decoder's final norm."""
     rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-    """(x, position ids (3, B, L)) -> (cos, sin)."""
+    """(x, position ids (axes, B, L)) -> (cos, sin)."""
     attention: Tensor | None = None
     """(B, heads, L) attention of the last query in the layer a pruner asked for (`attention_layer`)."""
 

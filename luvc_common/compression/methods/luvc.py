@@ -40,8 +40,8 @@ class SPUCascade(LayerPruner):
         return keep_members(row, inputs.spans[b], choose)
 
     def _resample(self, inputs: LayerInputs, b: int, ratio: float) -> Row:
-        """Replace each item's tokens by a smaller spectrally resampled grid of tokens, with M-RoPE
-        positions at the new cells' centres (float) in the item's original coordinates."""
+        """Replace each item's tokens by a smaller spectrally resampled grid of tokens, with positions
+        (every axis of them) at the new cells' centres (float) in the item's original coordinates."""
         hidden, cos, sin, source = inputs.row(b)
         spans, positions = inputs.spans[b], inputs.positions[:, b]
         item = torch.full_like(source, -1)
@@ -63,8 +63,8 @@ class SPUCascade(LayerPruner):
             grid, new = self.state.get((b, j), s.grid), spu.resampled_grid(s.grid, round(ratio * s.length))
             self.state[b, j] = new
             x = spu.spectral_resample(hidden[on_device].view(*grid, -1), new[1:]).to(hidden.dtype)
-            pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(3, *s.grid), new[1:])
-            c, si = inputs.rotary(x[None], pos.reshape(3, 1, -1).to(hidden.device))
+            pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(len(positions), *s.grid), new[1:])
+            c, si = inputs.rotary(x[None], pos.reshape(len(pos), 1, -1).to(hidden.device))
             pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.start + torch.arange(x.shape[:3].numel())))
         return tuple(torch.cat(parts) for parts in zip(*pieces))
 
