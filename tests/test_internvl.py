@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 import conftest
+from luvc_common.client import LUVCClient, image_file
 from luvc_common.compression.config import SPUConfig
 from luvc_common.compression.methods import method_config
 from luvc_common.config import Limits, ModelConfig
@@ -22,6 +23,7 @@ from luvc_common.errors import MediaError, PromptError
 from luvc_common.models.internvl import FAMILY
 from luvc_common.models.loading import load_model
 from luvc_common.models.tiny import save_random_checkpoint
+from luvc_common.serving.launch import Service
 
 QUESTION = "What color is the circle?"
 
@@ -220,3 +222,21 @@ def test_spu_resample_mode_on_1d_positions(pipeline, demo_image):
     cached = gen.engine.decode_step(state, torch.tensor([token]))
     fresh = gen.engine.prefill([Request(ids + [token], encoded)], cfg)
     assert torch.allclose(fresh.logits, cached, atol=1e-4)
+
+
+def test_services_serve_it_unchanged(tiny_internvl, pipeline, demo_image, tmp_path):
+    """The encoder and LLM services on an InternVL directory: the in-process answer (the tile grid
+    crossed the wire) and a LUVC payload of at most half."""
+    encoder = Service(["encoder", "--model", tiny_internvl], tmp_path / "encoder.log").start()
+    llm = Service(["llm", "--model", tiny_internvl, "--encoder", encoder.target], tmp_path / "llm.log").start()
+    try:
+        with LUVCClient(llm.target) as client:
+            remote = {m: client.generate(QUESTION, [image_file(conftest.ASSETS / "demo.png")], method=m, max_new_tokens=6,
+                                         wire_dtype="FP32", timeout=120) for m in ("none", "luvc")}
+    finally:
+        llm.stop()
+        encoder.stop()
+    for method, answer in remote.items():
+        local = pipeline.generate([demo_image], QUESTION, method_config(method), 6)
+        assert list(answer.token_ids) == local.token_ids and list(answer.llm_per_layer) == local.visual_tokens["llm_per_layer"]
+    assert 2 * remote["luvc"].payload_bytes <= remote["none"].payload_bytes

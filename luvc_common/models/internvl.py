@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil, get_optimal_tiled_canvas
@@ -239,12 +240,16 @@ class InternVL(Family):
 
     def patchify(self, media: Sequence[MediaItem], image_processor) -> tuple[Tensor, Tensor]:
         """(tiles, 3, tile, tile) pixels of all images' tiles (each image's thumbnail last) and a
-        (tiles, tile / patch, tile / patch) grid per image."""
+        (tiles, tile / patch, tile / patch) grid per image. An image is first resized to its tiled
+        canvas, as the encoder service decodes it, so the thumbnail is the same in and out of process."""
         if any(item.kind != "image" for item in media):
             raise MediaError("InternVL: video input is not supported yet (images only)")
         pixels, grids = [], []
         for item in media:
-            tiles = image_processor(images=item.frames[0], return_tensors="pt")["pixel_values"]
+            frame = item.frames[0]
+            canvas = self.planned_size(image_processor, *frame.size)
+            frame = frame if frame.size == canvas else frame.resize(canvas, Image.Resampling.BICUBIC)
+            tiles = image_processor(images=frame, return_tensors="pt")["pixel_values"]
             pixels.append(tiles)
             side = tiles.shape[-1] // PATCH
             grids.append(torch.tensor([len(tiles), side, side]))
