@@ -240,3 +240,15 @@ def test_services_serve_it_unchanged(tiny_internvl, pipeline, demo_image, tmp_pa
         local = pipeline.generate([demo_image], QUESTION, method_config(method), 6)
         assert list(answer.token_ids) == local.token_ids and list(answer.llm_per_layer) == local.visual_tokens["llm_per_layer"]
     assert 2 * remote["luvc"].payload_bytes <= remote["none"].payload_bytes
+
+
+def test_bench_shape_has_internvl3_1b_sizes():
+    from luvc_common.models.tokenizer import build_tokenizer
+    from luvc_common.research.bench import SHAPES
+
+    shape = SHAPES["internvl-1b"]
+    config = FAMILY.tiny_config(build_tokenizer(FAMILY.chat), text_overrides=shape["text"], vision_overrides=shape["vision"])
+    assert config.vision_config.image_size == (448, 448) and config.image_seq_length == 256
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (1024, 24)
+    assert (config.text_config.model_type, config.text_config.hidden_size, config.text_config.num_hidden_layers) == ("qwen2", 896, 24)
+    assert "mrope_section" not in config.text_config.rope_parameters

@@ -31,19 +31,31 @@ from luvc_common.compression.config import CompressionConfig
 from luvc_common.compression.methods import budget_unset, method_config, method_spec
 from luvc_common.research.evaluate import int_at_least, positive_int
 
+
+def _rope(theta: float, mrope_section: list[int] | None = None) -> dict:
+    """RoPE parameters: 1D, or Qwen's M-RoPE with (temporal, height, width) frequency sections."""
+    return {"rope_type": "default", "rope_theta": theta, **({"mrope_section": mrope_section} if mrope_section else {})}
+
+
 SHAPES = {
     "tiny": None,  # the bundled default model
     "small": dict(  # SmolVLM-256M's LM; a ViT-B/16-sized tower (86M)
         family="qwen2_vl",
         text=dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                  intermediate_size=1536, mrope=[8, 12, 12]),
-        vision=dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4),
+                  intermediate_size=1536, rope_parameters=_rope(1000000.0, [8, 12, 12])),
+        vision=dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, hidden_size=576),
     ),
     "2b": dict(  # Qwen2-VL-2B
         family="qwen2_vl",
         text=dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
-                  intermediate_size=8960, mrope=[16, 24, 24]),
-        vision=dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4),
+                  intermediate_size=8960, rope_parameters=_rope(1000000.0, [16, 24, 24])),
+        vision=dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4, hidden_size=1536),
+    ),
+    "internvl-1b": dict(  # InternVL3-1B: InternViT-300M on 448-pixel tiles, a Qwen2.5-0.5B-sized LLM
+        family="internvl",
+        text=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=4864, rope_parameters=_rope(1000000.0)),
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448),
     ),
 }
 """Model shapes as tiny_config overrides of a family; random weights, our tokenizer (vocabulary size only
@@ -60,12 +72,9 @@ def shape_checkpoint(shape: str, cache: Path) -> Path:
     from luvc_common.models.tiny import save_random_checkpoint
 
     sizes = SHAPES[shape]
-    text = dict(sizes["text"])
-    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": text.pop("mrope")}
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{shape}-"))
     save_random_checkpoint(tmp, sizes["family"], seed=0, max_pixels=1344 * 1344, init_range=0.02,
-                           text_overrides={**text, "rope_parameters": rope},
-                           vision_overrides={**sizes["vision"], "hidden_size": text["hidden_size"]})
+                           text_overrides=sizes["text"], vision_overrides=sizes["vision"])
     tmp.rename(out)  # complete or absent, never half written
     return out
 
