@@ -252,3 +252,36 @@ def test_bench_shape_has_internvl3_1b_sizes():
     assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (1024, 24)
     assert (config.text_config.model_type, config.text_config.hidden_size, config.text_config.num_hidden_layers) == ("qwen2", 896, 24)
     assert "mrope_section" not in config.text_config.rope_parameters
+
+
+def _fastv_scores_and_eager_weights(model_dir, image, monkeypatch):
+    pipe = Pipeline(ModelConfig(model_dir, attn_implementation="eager"))
+    engine = pipe.generator.engine
+    encoded = pipe.encoder.encode([image], None)
+    ids = pipe.generator.prompt_ids(QUESTION, encoded)
+    eager, recomputed = [], []
+    original = engine.family.last_query_attention
+    monkeypatch.setattr(engine.family, "last_query_attention", lambda *a: recomputed.append(original(*a)) or recomputed[-1])
+    hook = engine.lm.layers[1].self_attn.register_forward_hook(lambda _m, _a, out: eager.append(out[1][:, :, -1].float()))
+    try:  # K = round(0.5 * 4) = 2: scores from layer 1
+        engine.prefill([Request(ids, encoded)], method_config("fastv:keep=0.5,layer=0.5"))
+    finally:
+        hook.remove()
+    return recomputed, eager
+
+
+def test_fastv_scores_equal_eager_attention_weights(tiny_internvl, demo_image, monkeypatch):
+    recomputed, eager = _fastv_scores_and_eager_weights(tiny_internvl, demo_image, monkeypatch)
+    assert len(recomputed) == 1 and torch.allclose(recomputed[0], eager[0], atol=1e-5)
+
+
+def test_qwen3_text_model_with_its_query_norm(tmp_path, demo_image, monkeypatch):
+    """InternVL3.5's LLM is Qwen3 (RMS norm on queries and keys): stock equality and FastV's scores."""
+    model_dir = str(save_random_checkpoint(tmp_path, "internvl", seed=1, text_model_type="qwen3"))
+    recomputed, eager = _fastv_scores_and_eager_weights(model_dir, demo_image, monkeypatch)
+    assert len(recomputed) == 1 and torch.allclose(recomputed[0], eager[0], atol=1e-5)
+    pipe = Pipeline(ModelConfig(model_dir))
+    stock = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoded = pipe.encoder.encode([demo_image], None)
+    ids = pipe.generator.prompt_ids(QUESTION, encoded)
+    assert pipe.generate([demo_image], QUESTION, method_config("none"), 6).token_ids == _stock_generate(stock, pipe, [demo_image], ids, 6)[0]
