@@ -18,6 +18,10 @@ class EncoderConfig:
     """Compression method when a request names none."""
     default_wire_dtype: str = field(default="BF16", metadata={"flag": "wire_dtype"})
     """Wire dtype of the returned tokens when a request names none."""
+    max_batch: int = 8
+    """Requests encoded in one packed forward at most (those waiting when the tower is free, same
+    method, max_vit_patches patches in all)."""
 
     def __post_init__(self) -> None:
+        check_field(self.max_batch >= 1, "max_batch", self.max_batch, "at least 1")
         check_field(self.default_wire_dtype in WIRE_DTYPES, "wire_dtype", self.default_wire_dtype, f"one of {list(WIRE_DTYPES)}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from PIL import Image
 
 from encoder_service.config import EncoderConfig
@@ -10,10 +12,11 @@ from encoder_service.config import EncoderConfig
 from luvc_common.compression.methods import method_config
 from luvc_common.engine.media import Media
 from luvc_common.serving.messages import encoded_to_proto, media_files_from_proto
-from luvc_common.engine.pipeline import VisionEncoder
+from luvc_common.engine.batching import Cancelled, EncodeJob, EncoderBatcher
+from luvc_common.engine.pipeline import EncodedMedia, VisionEncoder
 from luvc_common.proto import luvc_pb2, luvc_pb2_grpc
 from luvc_common.serving.metrics import Metrics
-from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServicerBase, get_logger, log
+from luvc_common.serving.runtime import Call, Gate, ServerConfig, ServiceError, ServicerBase, get_logger, log
 from luvc_common.serving.wire import wire_dtype
 
 SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
@@ -24,26 +27,31 @@ class EncoderService:
 
     def __init__(self, config: EncoderConfig, server: ServerConfig):
         self.config = config
+        self.server = server
         self.metrics = Metrics("encoder")
         self.gate = Gate(server, self.metrics)
         self.logger = get_logger("encoder")
         self.encoder: VisionEncoder | None = None
+        self.batcher: EncoderBatcher | None = None
 
     def load(self) -> None:
         self.encoder = VisionEncoder(self.config.model)
         blank = Media("image", [Image.new("RGB", (224, 224), "white")])
         self.encoder.encode([blank], method_config(self.config.default_method))  # warm up before SERVING
+        self.batcher = EncoderBatcher(self.encoder, self.config.limits, self.config.max_batch)
 
     async def encode(self, request: luvc_pb2.EncodeRequest, call: Call) -> luvc_pb2.EncodeResponse:
-        """Every check that reads only headers runs before the queue; decoding and the tower run in the
-        compute slot, one request at a time, and stop between frames and blocks when the call ends."""
+        """Every check that reads only headers runs before the queue; decoding and the tower run on the
+        batcher's worker, packed with other waiting requests of the same method; a request that ends
+        (cancel, deadline) is skipped or, when every request of its batch has ended, stops the tower."""
         self.gate.admit(call)
         method = method_config(request.method or self.config.default_method)
         dtype = wire_dtype(request.wire_dtype or self.config.default_wire_dtype)
         limits = self.config.limits
         files = await asyncio.to_thread(media_files_from_proto, request.media, limits)
         self.encoder.check_patches(files, limits)
-        encoded = await self.gate.run(call, lambda: self.encoder.encode(self.encoder.decode(files, limits, call.check), method, call.check))
+        encoded = await self._encode(EncodeJob(files, method, call.stopped), call) if files else \
+            EncodedMedia.empty(self.encoder.family.embed_dim(self.encoder.visual))
         response = encoded_to_proto(encoded, self.encoder.unit, dtype, self.config.model.path)
         self.metrics.encoder_tokens.labels(method.method).inc(len(encoded.embeds))
         self.metrics.payload_bytes.labels("encoder").inc(len(response.tokens.data))
@@ -51,6 +59,26 @@ class EncoderService:
             vit_patches=encoded.vit_patches, tokens=len(encoded.embeds), payload_bytes=len(response.tokens.data),
             encode_ms=round(encoded.encode_ms, 2))
         return response
+
+
+    async def _encode(self, job: EncodeJob, call: Call) -> EncodedMedia:
+        """The job's encoder output from the batcher (RESOURCE_EXHAUSTED beyond max_queue waiting)."""
+        waiting, _ = self.batcher.load
+        if waiting >= self.server.max_queue:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {waiting} requests queued (max_queue={self.server.max_queue})")
+        self._observe_load()
+        try:
+            return await asyncio.wrap_future(self.batcher.submit(job))
+        except Cancelled:
+            raise call.stop_error() from None
+        finally:
+            call.stop.set()  # a no-op once done; otherwise the batcher skips or stops the job
+            self._observe_load()
+
+    def _observe_load(self) -> None:
+        waiting, running = self.batcher.load
+        self.metrics.queue_depth.labels("encoder").set(waiting)
+        self.metrics.running.labels("encoder").set(running)
 
 
 class EncoderServicer(ServicerBase, luvc_pb2_grpc.EncoderServicer):

@@ -3,6 +3,7 @@ returns alone (prefilled together or joined during decode); a stopped row leaves
 import threading
 
 import pytest
+import torch
 
 from luvc_common.compression.methods import method_config
 from luvc_common.config import ModelConfig
@@ -132,3 +133,38 @@ def test_requests_arriving_during_decode_join_the_running_batch(pipeline, demo_i
         engine.close()
     assert results == alone
     assert events.index((2, None)) < events.index((0, "length"))  # C joined while A was decoding
+
+
+def _files(paths: list, kind: str = "image"):
+    from luvc_common.config import Limits
+    from luvc_common.engine.media import MediaFiles, probe_image
+
+    return MediaFiles(kind, [probe_image(p.read_bytes(), Limits(), str(p)) for p in paths])
+
+
+@pytest.mark.parametrize("spec", ["luvc", "tome:keep=0.5", "random:keep=0.3", "visionzip"])
+def test_an_encoder_batch_returns_what_each_request_returns_alone(pipeline, spec):
+    """Media of several requests in one packed forward, split back per request, equal each encoded
+    alone; a request stopped before its batch runs is skipped with Cancelled."""
+    import conftest
+    from luvc_common.config import Limits
+    from luvc_common.engine.batching import Cancelled, EncodeJob, EncoderBatcher
+
+    image, frames = conftest.ASSETS / "demo.png", sorted((conftest.ASSETS / "demo_video").glob("*.png"))
+    requests = [[_files([image])], [_files(frames, "video"), _files([image])], [_files([image]), _files([image])]]
+    encoder, limits, cfg = pipeline.encoder, Limits(), method_config(spec)
+    alone = [encoder.encode(encoder.decode(files, limits), cfg) for files in requests]
+    batcher = EncoderBatcher(encoder, limits)
+    try:
+        with batcher._wake:  # queue every job before the worker looks: one batch
+            jobs = [EncodeJob(files, cfg) for files in requests] + [EncodeJob(requests[0], cfg, stopped=lambda: True)]
+            futures = [batcher.submit(job) for job in jobs]
+        results = [f.result(timeout=300) for f in futures[:-1]]
+        with pytest.raises(Cancelled):
+            futures[-1].result(timeout=300)
+    finally:
+        batcher.close()
+    for a, b in zip(alone, results):
+        assert b.grids == a.grids and b.kinds == a.kinds and b.vit_patches == a.vit_patches
+        assert [None if c is None else c.tolist() for c in b.cells] == [None if c is None else c.tolist() for c in a.cells]
+        assert torch.allclose(b.embeds, a.embeds, atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,7 +25,10 @@ from torch import Tensor
 
 from luvc_common.compression.config import CompressionConfig
 from luvc_common.compression.visual import VisualTokens
+from luvc_common.config import Limits
 from luvc_common.engine.language import LanguageEngine, PrefillState, Request
+from luvc_common.engine.media import MediaFiles
+from luvc_common.engine.pipeline import VisionEncoder
 
 
 @dataclass
@@ -200,3 +204,103 @@ class BatchingEngine:
         if len(keep) < len(rows):
             drop_rows(state, keep)
         return state, [rows[i] for i in keep], self.engine.decode_step(state, tokens[keep])
+
+
+class Cancelled(Exception):
+    """An encode request stopped (cancel or deadline) before its batch finished."""
+
+
+@dataclass
+class EncodeJob:
+    files: list[MediaFiles]
+    compression: CompressionConfig
+    stopped: Callable[[], bool] = lambda: False
+    result: Future = field(default_factory=Future)
+    """EncodedMedia of the job's media, or the exception that ended it (Cancelled when stopped)."""
+
+
+class EncoderBatcher:
+    """The vision tower on one worker thread: media of every waiting request with the first one's
+    compression (up to `max_batch` requests and `limits.max_vit_patches` patches in all) are decoded
+    and encoded as one packed forward (each item still its own attention segment, merged and pruned
+    on its own grid), then split back per request. A stopped request is skipped before its media are
+    decoded; the forward stops only when every request in it has stopped."""
+
+    def __init__(self, encoder: VisionEncoder, limits: Limits, max_batch: int = 8):
+        self.encoder, self.limits, self.max_batch = encoder, limits, max_batch
+        self._waiting: deque[EncodeJob] = deque()
+        self._wake = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="encoder-engine", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: EncodeJob) -> Future:
+        with self._wake:
+            self._waiting.append(job)
+            self._wake.notify()
+        return job.result
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(requests waiting, requests being encoded)."""
+        return len(self._waiting), self._running
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._worker.join()
+
+    def _take(self) -> list[EncodeJob] | None:
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            group, patches, rest = [], 0, deque()
+            while self._waiting:
+                job = self._waiting.popleft()
+                n = self.encoder.patches(job.files)
+                fits = not group or (len(group) < self.max_batch and patches + n <= self.limits.max_vit_patches)
+                if fits and (not group or job.compression == group[0].compression):
+                    group.append(job)
+                    patches += n
+                else:
+                    rest.append(job)
+            self._waiting = rest
+            return group
+
+    def _loop(self) -> None:
+        while (group := self._take()) is not None:
+            self._running = len(group)
+            try:
+                self._encode(group)
+            except BaseException as e:  # noqa: BLE001 - every unfinished job of the batch gets the error
+                for job in group:
+                    if not job.result.done():
+                        job.result.set_exception(e)
+            finally:
+                self._running = 0
+
+    def _encode(self, group: list[EncodeJob]) -> None:
+        live, media = [], []
+        for job in group:
+            try:
+                media.append(self.encoder.decode(job.files, self.limits, lambda job=job: _raise_if(job.stopped())))
+                live.append(job)
+            except Cancelled as e:
+                job.result.set_exception(e)
+            except Exception as e:  # noqa: BLE001 - a bad file fails its own request only
+                job.result.set_exception(e)
+        if not live:
+            return
+        every_stopped = lambda: _raise_if(all(job.stopped() for job in live))  # noqa: E731
+        encoded = self.encoder.encode([m for items in media for m in items], live[0].compression, every_stopped)
+        for job, part in zip(live, encoded.split([len(items) for items in media], self.encoder.unit)):
+            job.result.set_result(part)
+
+
+def _raise_if(stopped: bool) -> None:
+    if stopped:
+        raise Cancelled

@@ -43,6 +43,17 @@ class EncodedMedia(VisualTokens):
         """No media: a text-only request."""
         return cls(torch.zeros(0, hidden_size), [])
 
+    def split(self, items_per_part: list[int], unit: int) -> list["EncodedMedia"]:
+        """The encoder output of several requests' media, encoded together, as one EncodedMedia each."""
+        counts, parts, item, row = self.token_counts(unit), [], 0, 0
+        for n in items_per_part:
+            items, rows = slice(item, item + n), sum(counts[item : item + n])
+            parts.append(EncodedMedia(self.embeds[row : row + rows], self.grids[items], self.cells[items], kinds=self.kinds[items],
+                                      source_grids=self.source_grids[items], encode_ms=self.encode_ms,
+                                      vit_patches=sum(t * h * w for t, h, w in self.source_grids[items])))
+            item, row = item + n, row + rows
+        return parts
+
 
 @dataclass
 class GenerateResult:
@@ -84,14 +95,19 @@ class VisionEncoder:
         """(width, height) the image processor resizes an image of this size to."""
         return self.family.planned_size(self.image_processor, width, height)
 
-    def check_patches(self, items: list[MediaFiles], limits: Limits) -> None:
-        """Refuse a request whose media would make more than limits.max_vit_patches patches: from
-        the headers, before anything is decoded."""
+    def patches(self, items: list[MediaFiles]) -> int:
+        """ViT patches the media will make after resizing, from their headers."""
         tp, patch = self.family.patch_size(self.image_processor)
         total = 0
         for item in items:
             w, h = self.planned_size(item.frames[0].width, item.frames[0].height)
             total += -(-len(item.frames) // tp) * (w // patch) * (h // patch) if item.kind == "video" else (w // patch) * (h // patch)
+        return total
+
+    def check_patches(self, items: list[MediaFiles], limits: Limits) -> None:
+        """Refuse a request whose media would make more than limits.max_vit_patches patches: from
+        the headers, before anything is decoded."""
+        total = self.patches(items)
         if total > limits.max_vit_patches:
             raise MediaError(f"media: {total} ViT patches after resizing exceeds max_vit_patches={limits.max_vit_patches}")
 

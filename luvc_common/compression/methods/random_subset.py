@@ -22,8 +22,9 @@ class RandomSubset(Baseline):
     def encode(self, tower: VisionTower, tokens: TokenGrid, cfg: CompressionConfig, check: Callable[[], None]) -> VisualTokens:
         out = run_tower(tower, tokens, None, check)
         pieces, cells = [], []
-        for i, e in enumerate(out.embeds.split([grid_tokens(g, tower.unit) for g in out.grids])):
-            kept = baselines.random_keep(len(e), baselines.keep_count(len(e), cfg.baseline.keep_ratio), cfg.baseline.seed + i)
+        for e in out.embeds.split([grid_tokens(g, tower.unit) for g in out.grids]):
+            # seeded per item, not per position: an answer never depends on the requests encoded with it
+            kept = baselines.random_keep(len(e), baselines.keep_count(len(e), cfg.baseline.keep_ratio), cfg.baseline.seed)
             pieces.append(e[kept.to(e.device)])
             cells.append(kept)
         return VisualTokens(torch.cat(pieces), out.grids, cells)
