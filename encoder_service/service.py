@@ -29,7 +29,7 @@ class EncoderService:
         self.config = config
         self.server = server
         self.metrics = Metrics("encoder")
-        self.gate = Gate(server, self.metrics)
+        self.gate = Gate(server)
         self.logger = get_logger("encoder")
         self.encoder: VisionEncoder | None = None
         self.batcher: EncoderBatcher | None = None

@@ -33,7 +33,7 @@ class LLMService:
         self.config = config
         self.server = server
         self.metrics = Metrics("llm")
-        self.gate = Gate(server, self.metrics)
+        self.gate = Gate(server)
         self.logger = get_logger("llm")
         self.generator: TextGenerator | None = None
         self.batcher: BatchingEngine | None = None

@@ -47,17 +47,17 @@ def actor_options(args: dict) -> dict:
     return {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) > 0 else {"num_cpus": 0.25}
 
 
-def deployment(servicer, name: str, args: dict, server: ServerConfig):
-    """`servicer` as an autoscaled deployment: each replica's own queue is server.max_queue (Ray lets
-    one more than that in, so the replica answers RESOURCE_EXHAUSTED itself), and server.grace_s is
-    Ray's graceful shutdown timeout."""
+def deployment(servicer, name: str, args: dict, server: ServerConfig, max_batch: int):
+    """`servicer` as an autoscaled deployment: each replica's own queue is server.max_queue (Ray lets in
+    that plus a full batch plus one, so the replica answers RESOURCE_EXHAUSTED itself), and
+    server.grace_s is Ray's graceful shutdown timeout."""
     autoscaling = {**AUTOSCALING, **{k: type(v)(args[k]) for k, v in AUTOSCALING.items() if k in args}}
     return serve.deployment(
         servicer,
         name=name,
         autoscaling_config=autoscaling,
         ray_actor_options=actor_options(args),
-        max_ongoing_requests=int(args.get("max_ongoing_requests", server.max_queue + 1)),
+        max_ongoing_requests=int(args.get("max_ongoing_requests", server.max_queue + max_batch + 1)),
         graceful_shutdown_timeout_s=server.grace_s,
     )
 

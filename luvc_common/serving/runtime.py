@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha import reflection
 
 from luvc_common.config import REQUEST_ID, MiB
 from luvc_common.errors import ConfigError, UserError, shorten
-from luvc_common.serving.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ServerConfig:
     max_message_mb: int = 64
     """Largest gRPC message accepted or sent, both directions, in MiB."""
     max_queue: int = 32
-    """Requests waiting for the model beyond the one running; more get RESOURCE_EXHAUSTED."""
+    """Requests waiting for the engine (not yet in a batch); more get RESOURCE_EXHAUSTED."""
     grace_s: float = 30.0
     """On SIGTERM, how long in-flight requests may finish before the server exits."""
     auth_token: str | None = field(default=None, metadata={"env": "LUVC_AUTH_TOKEN"})
@@ -86,17 +85,13 @@ class ServiceError(Exception):
         return self.message
 
 
-class Stopped(Exception):
-    """Raised on the worker thread when its request was cancelled or ran past its deadline."""
-
-
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass
 class Call:
     """Transport-independent view of one RPC: request id, auth header, deadline, and a stop flag the
-    worker thread checks between steps (set when the client cancels)."""
+    engines poll between steps (set when the client cancels or goes away)."""
 
     request_id: str
     authorization: str = ""
@@ -109,11 +104,6 @@ class Call:
 
     def stopped(self) -> bool:
         return self.stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
-
-    def check(self) -> None:
-        """Raise Stopped when the work should end (a checkpoint between steps)."""
-        if self.stopped():
-            raise Stopped
 
     def stop_error(self) -> "ServiceError":
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -136,16 +126,12 @@ class Call:
 
 
 class Gate:
-    """Readiness, auth and backpressure for one model: one request computes on a worker thread,
-    max_queue wait. The compute slot is held until the worker thread has returned, also when the
-    RPC is cancelled, so abandoned work never overlaps the next request."""
+    """Readiness and auth of one service: a request is admitted once the model has loaded and its
+    bearer token (when one is configured) matches. Backpressure and compute live in the engines."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics):
+    def __init__(self, config: ServerConfig):
         self.config = config
-        self.metrics = metrics
         self.ready = False
-        self._compute = asyncio.Semaphore(1)
-        self._waiting = 0
 
     def admit(self, call: Call) -> None:
         token = self.config.auth_token
@@ -153,49 +139,6 @@ class Gate:
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         if not self.ready:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "model is still loading; retry when health is SERVING")
-
-    async def stream(self, call: Call, work: Callable[[Callable[[Any], None]], Any]) -> AsyncIterator[Any]:
-        """Run work(emit) on a worker thread in the compute slot; yield each emitted item as it comes,
-        then work's return value last. A cancelled consumer sets call.stop and waits for the thread."""
-        if self._waiting >= self.config.max_queue:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {self._waiting} requests queued (max_queue={self.config.max_queue})")
-        self._set_waiting(self._waiting + 1)
-        try:
-            await self._compute.acquire()
-        finally:
-            self._set_waiting(self._waiting - 1)
-        self.metrics.running.labels(self.metrics.service).inc()
-        self.metrics.batch_size.labels(self.metrics.service).observe(1)  # one request per model step until batching lands
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        emit = lambda item: loop.call_soon_threadsafe(items.put_nowait, item)  # noqa: E731
-        task = asyncio.ensure_future(asyncio.to_thread(lambda: (call.check(), work(emit))[1]))
-        task.add_done_callback(lambda _: items.put_nowait(_DONE))
-        try:
-            while (item := await items.get()) is not _DONE:
-                yield item
-            result = task.result()
-        except BaseException:
-            call.stop.set()
-            await asyncio.shield(asyncio.wait([task]))
-            raise
-        finally:
-            self._compute.release()
-            self.metrics.running.labels(self.metrics.service).dec()
-        yield result
-
-    def _set_waiting(self, n: int) -> None:
-        self._waiting = n
-        self.metrics.queue_depth.labels(self.metrics.service).set(n)
-
-    async def run(self, call: Call, work: Callable[[], Any]) -> Any:
-        """work() on a worker thread in the compute slot (see stream)."""
-        async for result in self.stream(call, lambda _emit: work()):
-            pass
-        return result
-
-
-_DONE = object()
 
 
 class JsonFormatter(logging.Formatter):
@@ -230,8 +173,6 @@ def status_of(error: BaseException, call: Call) -> tuple[grpc.StatusCode, str]:
     """The status code and bounded message a failure gets; unexpected errors are INTERNAL."""
     if isinstance(error, ServiceError):
         code, message = error.code, str(error)
-    elif isinstance(error, Stopped):
-        return status_of(call.stop_error(), call)
     elif isinstance(error, UserError):
         code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
     else:
