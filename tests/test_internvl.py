@@ -285,3 +285,20 @@ def test_qwen3_text_model_with_its_query_norm(tmp_path, demo_image, monkeypatch)
     encoded = pipe.encoder.encode([demo_image], None)
     ids = pipe.generator.prompt_ids(QUESTION, encoded)
     assert pipe.generate([demo_image], QUESTION, method_config("none"), 6).token_ids == _stock_generate(stock, pipe, [demo_image], ids, 6)[0]
+
+
+def test_attention_received_equals_eager_weights(tiny_internvl, demo_image):
+    """VisionZip's saliency per tile: eager attention of the block, averaged over heads and queries."""
+    pipe = Pipeline(ModelConfig(tiny_internvl, attn_implementation="eager"))
+    tower = pipe.encoder.tower
+    pixels, grids = pipe.encoder.family.patchify([demo_image], pipe.encoder.image_processor)
+    tokens = tower.embed(pixels, grids)
+    x = tower.run_blocks(tokens, range(tower.depth - 1))
+    weights = []
+    hook = tower.vit.encoder.layer[-1].attention.register_forward_hook(lambda _m, _a, out: weights.append(out[1]))
+    try:
+        tower.run_blocks(type(tokens)(x, tokens.sizes, tokens.positions, tokens.grids), range(tower.depth - 1, tower.depth))
+    finally:
+        hook.remove()
+    expected = weights[0].float().mean(dim=(1, 2))[:, 1:].reshape(-1)
+    assert torch.allclose(tower.attention_received(tower.depth - 1, x, tokens.positions), expected, atol=1e-6)
