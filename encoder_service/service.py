@@ -39,6 +39,8 @@ class EncoderService:
         blank = Media("image", [Image.new("RGB", (224, 224), "white")])
         self.encoder.encode([blank], method_config(self.config.default_method))  # warm up before SERVING
         self.batcher = EncoderBatcher(self.encoder, self.config.limits, self.config.max_batch)
+        self.metrics.queue_depth.labels("encoder").set_function(lambda: self.batcher.load[0])  # read when scraped
+        self.metrics.running.labels("encoder").set_function(lambda: self.batcher.load[1])
 
     async def encode(self, request: luvc_pb2.EncodeRequest, call: Call) -> luvc_pb2.EncodeResponse:
         """Every check that reads only headers runs before the queue; decoding and the tower run on the
@@ -66,19 +68,12 @@ class EncoderService:
         waiting, _ = self.batcher.load
         if waiting >= self.server.max_queue:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {waiting} requests queued (max_queue={self.server.max_queue})")
-        self._observe_load()
         try:
             return await asyncio.wrap_future(self.batcher.submit(job))
         except Cancelled:
             raise call.stop_error() from None
         finally:
             call.stop.set()  # a no-op once done; otherwise the batcher skips or stops the job
-            self._observe_load()
-
-    def _observe_load(self) -> None:
-        waiting, running = self.batcher.load
-        self.metrics.queue_depth.labels("encoder").set(waiting)
-        self.metrics.running.labels("encoder").set(running)
 
 
 class EncoderServicer(ServicerBase, luvc_pb2_grpc.EncoderServicer):

@@ -44,6 +44,9 @@ class LLMService:
         nothing = EncodedMedia.empty(self.generator.engine.config.text_config.hidden_size)
         self.generator.generate("warm up", nothing, method_config("none"), 2)  # first-call costs before SERVING
         self.batcher = BatchingEngine(self.generator.engine, self.config.max_batch, self.config.max_batch_tokens)
+        for gauge, read in ((self.metrics.queue_depth, lambda: self.batcher.load[0]), (self.metrics.running, lambda: self.batcher.load[1]),
+                            (self.metrics.kv_cache_bytes, lambda: self.batcher.kv_cache_bytes)):
+            gauge.labels("llm").set_function(read)  # read when scraped
 
     def _channel(self) -> grpc.aio.Channel:
         if self._encoder_channel is None:  # channels bind to the running event loop: create lazily
@@ -154,7 +157,6 @@ class LLMService:
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
         engine_request.emit = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
         self.batcher.add(engine_request)
-        self._observe_load()
         try:
             while True:
                 out = await outputs.get()
@@ -165,12 +167,6 @@ class LLMService:
                     return
         finally:
             call.stop.set()  # a no-op once finished; otherwise the engine drops the row
-            self._observe_load()
-
-    def _observe_load(self) -> None:
-        waiting, running = self.batcher.load
-        self.metrics.queue_depth.labels("llm").set(waiting)
-        self.metrics.running.labels("llm").set(running)
 
     def _record(self, result: GenerateResult, spec: str, stats: luvc_pb2.GenerateStats) -> None:
         m = self.metrics

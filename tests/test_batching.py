@@ -111,8 +111,11 @@ def test_requests_arriving_during_decode_join_the_running_batch(pipeline, demo_i
     events, a_started, done = [], threading.Event(), [threading.Event() for _ in jobs]
     results = [[] for _ in jobs]
 
+    kv_seen = []
+
     def sink(i):
         def emit(out):
+            kv_seen.append(engine.kv_cache_bytes)
             results[i] += out.token_ids
             events.append((i, out.finished))
             if i == 0 and len(results[0]) >= 2:
@@ -133,6 +136,7 @@ def test_requests_arriving_during_decode_join_the_running_batch(pipeline, demo_i
         engine.close()
     assert results == alone
     assert events.index((2, None)) < events.index((0, "length"))  # C joined while A was decoding
+    assert max(kv_seen) > 0 and engine.kv_cache_bytes == 0  # the running batch's cache, freed when it ends
 
 
 def _files(paths: list, kind: str = "image"):

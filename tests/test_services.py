@@ -97,6 +97,11 @@ def test_metrics_move_as_requests_run(stack, client):
     assert grew(before_llm, after_llm, "luvc_time_to_first_token_seconds_count", method="luvc") == 1
     assert grew(before_llm, after_llm, "luvc_payload_bytes_total", service="llm") == stats.payload_bytes > 0
     assert after_llm[("luvc_queue_depth", (("service", "llm"),))] == 0
+    idle = time.monotonic() + 10  # the engine frees the batch's cache right after its last row's output
+    while _metrics(llm)[("luvc_kv_cache_bytes", (("service", "llm"),))] != 0:
+        assert time.monotonic() < idle, "KV-cache bytes stay above 0 with no request running"
+        time.sleep(0.1)
+    assert grew(before_llm, after_llm, "luvc_batch_size_count", service="llm") == 1
     assert grew(before_encoder, after_encoder, "luvc_requests_total", service="encoder", method="encode", code="OK") == 1
     assert grew(before_encoder, after_encoder, "luvc_encoder_tokens_total", method="luvc") == stats.encoder_out
     assert grew(before_encoder, after_encoder, "luvc_payload_bytes_total", service="encoder") == stats.payload_bytes

@@ -103,6 +103,8 @@ class BatchingEngine:
         self._waiting: deque[EngineRequest] = deque()
         self._wake = threading.Condition()
         self._running = 0
+        self.kv_cache_bytes = 0
+        """Bytes of the running batch's KV cache (padding included), as of the last step."""
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._worker.start()
@@ -172,6 +174,7 @@ class BatchingEngine:
                     row.request.emit(Output([], "error", error=e))
                 state, rows, logits = None, [], None
             self._running = len(rows)
+            self.kv_cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in state.cache.layers) if state else 0
 
     @torch.no_grad()
     def _prefill(self, group: list[EngineRequest]) -> tuple[PrefillState, float]:

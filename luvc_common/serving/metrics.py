@@ -21,7 +21,7 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("luvc_queue_depth", "requests waiting for the model", ["service"], registry=r)
         self.running = Gauge("luvc_running", "requests the model is computing", ["service"], registry=r)
-        self.batch_size = Histogram("luvc_batch_size", "requests per model step", ["service"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("luvc_batch_size", "per request, the requests prefilled together with it", ["service"], buckets=BATCH_BUCKETS, registry=r)
         self.ttft = Histogram("luvc_time_to_first_token_seconds", "arrival to the first generated token", ["method"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("luvc_prompt_tokens", "prompt tokens prefilled (visual placeholders included)", ["method"], registry=r)
@@ -30,6 +30,7 @@ class Metrics:
                                      ["method", "layer"], registry=r)
         self.encoder_tokens = Counter("luvc_encoder_tokens", "visual tokens the encoder returned", ["method"], registry=r)
         self.payload_bytes = Counter("luvc_payload_bytes", "visual-token bytes crossing the encoder -> LLM wire", ["service"], registry=r)
+        self.kv_cache_bytes = Gauge("luvc_kv_cache_bytes", "KV-cache bytes of the running batch", ["service"], registry=r)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on a daemon thread; returns the bound port."""
