@@ -94,30 +94,25 @@ class _Row:
     """Metadata for the row's first output, until it is sent."""
 
 
-class BatchingEngine:
-    def __init__(self, engine: LanguageEngine, max_batch: int = 16, max_batch_tokens: int = 32768):
-        self.engine = engine
-        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
-        eos = engine.config.text_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos])
-        self._waiting: deque[EngineRequest] = deque()
+class _QueueWorker:
+    """Jobs queued from any thread, served by one daemon worker thread running `_loop`."""
+
+    def __init__(self, name: str):
+        self._waiting: deque = deque()
         self._wake = threading.Condition()
         self._running = 0
-        self.kv_cache_bytes = 0
-        """Bytes of the running batch's KV cache (padding included), as of the last step."""
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self._worker.start()
 
-    def add(self, *requests: EngineRequest) -> None:
-        """Queue requests (several at once: they can share one prefill)."""
+    def _put(self, *jobs) -> None:
         with self._wake:
-            self._waiting.extend(requests)
+            self._waiting.extend(jobs)
             self._wake.notify()
 
     @property
     def load(self) -> tuple[int, int]:
-        """(requests waiting, requests in the running batch)."""
+        """(jobs waiting, jobs being computed)."""
         return len(self._waiting), self._running
 
     def close(self) -> None:
@@ -126,30 +121,48 @@ class BatchingEngine:
             self._wake.notify()
         self._worker.join()
 
-    def _take(self, room: int, block: bool) -> list[EngineRequest] | None:
-        """The next prefill group: the first waiting request and every later one with the same compression,
-        at most `room` requests and max_batch_tokens prompt tokens. Blocks while nothing waits and `block`;
-        None once closed."""
+    def _group(self, room: int, budget: int, cost: Callable, block: bool) -> list | None:
+        """The first waiting job and every later one with the same compression, at most `room` jobs and
+        `budget` in summed cost (the first job alone may exceed it). Blocks while nothing waits and
+        `block`; None once closed."""
         with self._wake:
             while block and not self._waiting and not self._closed:
                 self._wake.wait()
             if self._closed:
                 return None
-            group, tokens, rest = [], 0, deque()
+            group, total, rest = [], 0, deque()
             while self._waiting:
-                r = self._waiting.popleft()
-                fits = len(group) < room and (not group or tokens + len(r.input_ids) <= self.max_batch_tokens)
-                if fits and (not group or r.compression == group[0].compression):
-                    group.append(r)
-                    tokens += len(r.input_ids)
+                job = self._waiting.popleft()
+                fits = len(group) < room and (not group or total + cost(job) <= budget)
+                if fits and (not group or job.compression == group[0].compression):
+                    group.append(job)
+                    total += cost(job)
                 else:
-                    rest.append(r)
+                    rest.append(job)
             self._waiting = rest
             return group
 
     def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class BatchingEngine(_QueueWorker):
+    def __init__(self, engine: LanguageEngine, max_batch: int = 16, max_batch_tokens: int = 32768):
+        self.engine = engine
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        eos = engine.config.text_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.kv_cache_bytes = 0
+        """Bytes of the running batch's KV cache (padding included), as of the last step."""
+        super().__init__("llm-engine")
+
+    def add(self, *requests: EngineRequest) -> None:
+        """Queue requests (several at once: they can share one prefill)."""
+        self._put(*requests)
+
+    def _loop(self) -> None:
         state, rows, logits = None, [], None
-        while (group := self._take(self.max_batch - len(rows), block=not rows)) is not None:
+        while (group := self._group(self.max_batch - len(rows), self.max_batch_tokens, lambda r: len(r.input_ids), not rows)) is not None:
             if group:
                 try:
                     new, prefill_ms = self._prefill(group)
@@ -222,7 +235,7 @@ class EncodeJob:
     """EncodedMedia of the job's media, or the exception that ended it (Cancelled when stopped)."""
 
 
-class EncoderBatcher:
+class EncoderBatcher(_QueueWorker):
     """The vision tower on one worker thread: media of every waiting request with the first one's
     compression (up to `max_batch` requests and `limits.max_vit_patches` patches in all) are decoded
     and encoded as one packed forward (each item still its own attention segment, merged and pruned
@@ -231,51 +244,14 @@ class EncoderBatcher:
 
     def __init__(self, encoder: VisionEncoder, limits: Limits, max_batch: int = 8):
         self.encoder, self.limits, self.max_batch = encoder, limits, max_batch
-        self._waiting: deque[EncodeJob] = deque()
-        self._wake = threading.Condition()
-        self._running = 0
-        self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="encoder-engine", daemon=True)
-        self._worker.start()
+        super().__init__("encoder-engine")
 
     def submit(self, job: EncodeJob) -> Future:
-        with self._wake:
-            self._waiting.append(job)
-            self._wake.notify()
+        self._put(job)
         return job.result
 
-    @property
-    def load(self) -> tuple[int, int]:
-        """(requests waiting, requests being encoded)."""
-        return len(self._waiting), self._running
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._worker.join()
-
-    def _take(self) -> list[EncodeJob] | None:
-        with self._wake:
-            while not self._waiting and not self._closed:
-                self._wake.wait()
-            if self._closed:
-                return None
-            group, patches, rest = [], 0, deque()
-            while self._waiting:
-                job = self._waiting.popleft()
-                n = self.encoder.patches(job.files)
-                fits = not group or (len(group) < self.max_batch and patches + n <= self.limits.max_vit_patches)
-                if fits and (not group or job.compression == group[0].compression):
-                    group.append(job)
-                    patches += n
-                else:
-                    rest.append(job)
-            self._waiting = rest
-            return group
-
     def _loop(self) -> None:
-        while (group := self._take()) is not None:
+        while (group := self._group(self.max_batch, self.limits.max_vit_patches, lambda j: self.encoder.patches(j.files), True)) is not None:
             self._running = len(group)
             try:
                 self._encode(group)
