@@ -302,3 +302,16 @@ def test_attention_received_equals_eager_weights(tiny_internvl, demo_image):
         hook.remove()
     expected = weights[0].float().mean(dim=(1, 2))[:, 1:].reshape(-1)
     assert torch.allclose(tower.attention_received(tower.depth - 1, x, tokens.positions), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(448, 448), (1000, 300), (200, 900), (64, 64)])
+def test_patch_count_from_the_header_equals_patchify(pipeline, size):
+    """The encoder's max_vit_patches check, made before decoding, counts every tile and the thumbnail."""
+    from luvc_common.engine.media import MediaFiles, probe_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, "white").save(buf, "PNG")
+    encoder = pipeline.encoder
+    files = [MediaFiles("image", [probe_image(buf.getvalue(), Limits(), "x")])]
+    _, grids = encoder.family.patchify(encoder.decode(files, Limits()), encoder.image_processor)
+    assert encoder.patches(files) == int(grids.prod(1).sum())

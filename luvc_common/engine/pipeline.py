@@ -97,12 +97,8 @@ class VisionEncoder:
 
     def patches(self, items: list[MediaFiles]) -> int:
         """ViT patches the media will make after resizing, from their headers."""
-        tp, patch = self.family.patch_size(self.image_processor)
-        total = 0
-        for item in items:
-            w, h = self.planned_size(item.frames[0].width, item.frames[0].height)
-            total += -(-len(item.frames) // tp) * (w // patch) * (h // patch) if item.kind == "video" else (w // patch) * (h // patch)
-        return total
+        return sum(self.family.vit_patches(self.image_processor, item.kind, item.frames[0].width, item.frames[0].height, len(item.frames))
+                   for item in items)
 
     def check_patches(self, items: list[MediaFiles], limits: Limits) -> None:
         """Refuse a request whose media would make more than limits.max_vit_patches patches: from

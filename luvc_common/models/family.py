@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Sequence
 
 from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from luvc_common.compression.methods.base import VisionTower
 from luvc_common.errors import ModelLoadError
@@ -110,8 +111,8 @@ class Family:
         """(width, height) the image processor resizes an image of this size to."""
         raise NotImplementedError
 
-    def patch_size(self, processor) -> tuple[int, int]:
-        """(temporal, spatial) patch size."""
+    def vit_patches(self, processor, kind: str, width: int, height: int, frames: int) -> int:
+        """ViT patches an item of this kind, size and frame count becomes, from its header alone."""
         raise NotImplementedError
 
     def patchify(self, media: Sequence[MediaItem], processor) -> tuple[Tensor, Tensor]:
@@ -136,8 +137,18 @@ class Family:
     def last_query_attention(self, layer: nn.Module, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
                              valid: Tensor) -> Tensor:
         """(B, heads, keys) attention weights of the last query in `layer`, from the layer's input and its
-        cached (rotated) keys: what eager attention would return for that row."""
-        raise NotImplementedError
+        cached (rotated) keys: what eager attention would return for that row. This default reads a
+        transformers decoder layer (input_layernorm; self_attn with q_proj, an optional q_norm, and
+        rotate-half rotary on the layer's cos/sin)."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(layer_in[:, -1:])
+        q = attn.q_proj(x).view(len(x), 1, -1, attn.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3-style query norm
+            q = attn.q_norm(q)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        logits = (q @ keys.transpose(-1, -2))[:, :, 0].float() * attn.scaling
+        return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf")).softmax(-1)
 
 
 def get_family(model_type: str) -> Family:

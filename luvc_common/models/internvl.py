@@ -26,7 +26,6 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil, get_optimal_tiled_canvas
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from luvc_common.compression.oim import TokenGrid, grid_positions, raster_to_block_major
 from luvc_common.errors import MediaError, ModelLoadError
@@ -235,8 +234,11 @@ class InternVL(Family):
         columns, rows = get_optimal_tiled_canvas((height, width), (tile, tile), processor.min_patches, processor.max_patches)
         return columns * tile, rows * tile
 
-    def patch_size(self, processor) -> tuple[int, int]:
-        return 1, PATCH
+    def vit_patches(self, processor, kind: str, width: int, height: int, frames: int) -> int:
+        """Every tile of the canvas, plus the thumbnail the processor adds when there are several."""
+        tile = processor.size["height"]
+        columns, rows = (side // tile for side in self.planned_size(processor, width, height))
+        return (columns * rows + (columns * rows > 1)) * (tile // PATCH) ** 2
 
     def patchify(self, media: Sequence[MediaItem], image_processor) -> tuple[Tensor, Tensor]:
         """(tiles, 3, tile, tile) pixels of all images' tiles (each image's thumbnail last) and a
@@ -265,18 +267,6 @@ class InternVL(Family):
 
     def decode_position_ids(self, next_position: Tensor) -> Tensor:
         return next_position.view(-1, 1)
-
-    def last_query_attention(self, layer: nn.Module, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
-                             valid: Tensor) -> Tensor:
-        attn = layer.self_attn
-        x = layer.input_layernorm(layer_in[:, -1:])
-        q = attn.q_proj(x).view(len(x), 1, -1, attn.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q = attn.q_norm(q)
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-        logits = (q @ keys.transpose(-1, -2))[:, :, 0].float() * attn.scaling
-        return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf")).softmax(-1)
 
 
 FAMILY = InternVL()

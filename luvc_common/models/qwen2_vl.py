@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
 from luvc_common.compression.oim import TokenGrid
@@ -160,8 +160,10 @@ class Qwen2VL(Family):
                             min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
         return w, h
 
-    def patch_size(self, processor) -> tuple[int, int]:
-        return processor.temporal_patch_size, processor.patch_size
+    def vit_patches(self, processor, kind: str, width: int, height: int, frames: int) -> int:
+        w, h = self.planned_size(processor, width, height)
+        steps = -(-frames // processor.temporal_patch_size) if kind == "video" else 1
+        return steps * (w // processor.patch_size) * (h // processor.patch_size)
 
     def patchify(self, media: Sequence[MediaItem], image_processor) -> tuple[Tensor, Tensor]:
         """Images go through the image processor unchanged. A video's frames are each processed as an
@@ -198,16 +200,6 @@ class Qwen2VL(Family):
     def decode_position_ids(self, next_position: Tensor) -> Tensor:
         """After the prompt, all three M-RoPE axes advance together."""
         return next_position.view(1, -1, 1).expand(3, -1, 1)
-
-    def last_query_attention(self, layer: nn.Module, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
-                             valid: Tensor) -> Tensor:
-        attn = layer.self_attn
-        x = layer.input_layernorm(layer_in[:, -1:])
-        q = attn.q_proj(x).view(len(x), 1, -1, attn.head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-        logits = (q @ keys.transpose(-1, -2))[:, :, 0].float() * attn.scaling
-        return logits.masked_fill(~valid[:, None, :].to(logits.device), float("-inf")).softmax(-1)
 
 
 FAMILY = Qwen2VL()
