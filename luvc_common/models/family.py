@@ -56,6 +56,8 @@ class Family:
     model_class: ClassVar[type[nn.Module]]
     config_class: ClassVar[type]
     chat: ClassVar[ChatTokens]
+    vision_modules: ClassVar[tuple[str, ...]]
+    """Attributes of `model.model` that only the vision half needs."""
 
     # checkpoints
     def tiny_config(self, tokenizer, **sizes: Any):
@@ -84,12 +86,17 @@ class Family:
         raise NotImplementedError
 
     def language(self, model: nn.Module) -> nn.Module:
-        """The decoder stack (embed_tokens, layers, norm, rotary_emb)."""
-        raise NotImplementedError
+        """The decoder stack (embed_tokens, layers, norm, rotary_emb): transformers' `model.language_model`."""
+        return model.model.language_model
 
     def drop(self, model: nn.Module, part: str) -> None:
         """Remove the modules a `part` ("vision" or "language") does not need, before weights load."""
-        raise NotImplementedError
+        if part == "vision":
+            model.model.language_model = None
+            model.lm_head = None
+        else:
+            for name in self.vision_modules:
+                setattr(model.model, name, None)
 
     def tower(self, visual: nn.Module) -> VisionTower:
         raise NotImplementedError

@@ -148,6 +148,7 @@ class InternVL(Family):
     config_class = InternVLConfig
     chat = ChatTokens(pad="<|endoftext|>", turn_start="<|im_start|>", turn_end="<|im_end|>", media_start="<img>",
                       media_end="</img>", image="<IMG_CONTEXT>", video="<video>")
+    vision_modules = ("vision_tower", "multi_modal_projector")
 
     def tiny_config(self, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256, vision_dim: int = 64,
                     tile: int = 112, text_model_type: str = "qwen2", init_range: float = 0.1, rope_theta: float = 10000.0,
@@ -204,17 +205,6 @@ class InternVL(Family):
     def vision(self, model: nn.Module) -> nn.Module:
         """The InternVLModel: its vision_tower and multi_modal_projector (the language model is None in a vision half)."""
         return model.model
-
-    def language(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def drop(self, model: nn.Module, part: str) -> None:
-        if part == "vision":
-            model.model.language_model = None
-            model.lm_head = None
-        else:
-            model.model.vision_tower = None
-            model.model.multi_modal_projector = None
 
     def tower(self, visual: nn.Module) -> InternVisionTower:
         return InternVisionTower(visual)

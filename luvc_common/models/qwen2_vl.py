@@ -90,6 +90,7 @@ class Qwen2VL(Family):
     model_class = Qwen2VLForConditionalGeneration
     config_class = Qwen2VLConfig
     tower_class = QwenVisionTower
+    vision_modules = ("visual",)
     chat = ChatTokens(pad="<|endoftext|>", turn_start="<|im_start|>", turn_end="<|im_end|>", media_start="<|vision_start|>",
                       media_end="<|vision_end|>", image="<|image_pad|>", video="<|video_pad|>")
 
@@ -132,16 +133,6 @@ class Qwen2VL(Family):
 
     def vision(self, model: nn.Module) -> nn.Module:
         return model.model.visual
-
-    def language(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def drop(self, model: nn.Module, part: str) -> None:
-        if part == "vision":
-            model.model.language_model = None
-            model.lm_head = None
-        else:
-            model.model.visual = None
 
     def tower(self, visual: nn.Module) -> QwenVisionTower:
         return self.tower_class(visual)
