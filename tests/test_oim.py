@@ -19,9 +19,9 @@ from luvc_common.models.family import family_of
 from transformers.vision_utils import get_vision_position_ids
 
 
-def _encode(visual, pixels, grids, oim=None):
+def _encode(tower, pixels, grids, oim=None):
     """(projector output, merged grids) of the tower with OIM steps `oim` (None: no merging)."""
-    out = encode(visual.luvc_tower, pixels, grids, method_config("luvc", oim=oim, spu=None))
+    out = encode(tower, pixels, grids, method_config("luvc", oim=oim, spu=None))
     return out.embeds, torch.tensor(out.grids)
 
 
@@ -94,13 +94,11 @@ def test_merged_length_never_keeps_more_than_half():
 
 
 @pytest.fixture(scope="module")
-def visual(tiny_model):
-    """The stock vision tower module, with the family's tower view of it as `.luvc_tower`."""
+def tower(tiny_model):
+    """The family's view of the checkpoint's vision tower; `tower.visual` is the stock module."""
     model = load_model(ModelConfig(tiny_model), "vision")
     family = family_of(model.config)
-    visual = family.vision(model)
-    visual.luvc_tower = family.tower(visual)
-    return visual
+    return family.tower(family.vision(model))
 
 
 GRIDS = torch.tensor([[1, 16, 16], [1, 18, 26], [2, 8, 12]])
@@ -111,40 +109,40 @@ def _pixels(seed=0):
     return torch.randn(int(GRIDS.prod(1).sum()), 3 * 2 * 14 * 14)
 
 
-def test_no_merge_equals_stock_vision_forward(visual):
+def test_no_merge_equals_stock_vision_forward(tower):
     px = _pixels()
-    stock = visual(px, grid_thw=GRIDS).pooler_output
-    ours, grids = _encode(visual, px, GRIDS)
+    stock = tower.visual(px, grid_thw=GRIDS).pooler_output
+    ours, grids = _encode(tower, px, GRIDS)
     assert torch.equal(grids, GRIDS)
     assert torch.allclose(ours, stock, atol=1e-5)
 
 
-def test_schedule_sets_grids_and_counts(visual):
+def test_schedule_sets_grids_and_counts(tower):
     px = _pixels()
-    out, grids = _encode(visual, px, GRIDS, OIMConfig(merge_depths=(0.25, 0.5, 1.0), first_axis="w"))
+    out, grids = _encode(tower, px, GRIDS, OIMConfig(merge_depths=(0.25, 0.5, 1.0), first_axis="w"))
     # w, then h, then w again; each side stays a multiple of 2
     assert grids.tolist() == [[1, 8, 4], [1, 8, 6], [2, 4, 2]]
     assert len(out) == int(grids.prod(1).sum()) // 4
 
 
-def test_default_oim_halves_encoder_output(visual):
+def test_default_oim_halves_encoder_output(tower):
     px = _pixels()
-    full, _ = _encode(visual, px[: 16 * 16], GRIDS[:1])
-    half, grids = _encode(visual, px[: 16 * 16], GRIDS[:1], OIMConfig())
+    full, _ = _encode(tower, px[: 16 * 16], GRIDS[:1])
+    half, grids = _encode(tower, px[: 16 * 16], GRIDS[:1], OIMConfig())
     assert len(half) * 2 == len(full) and grids.tolist() == [[1, 16, 8]]
     # odd half-width (26 -> 13 LLM columns): still at most half
     odd = torch.tensor([[1, 18, 26]])
-    full, _ = _encode(visual, px[: 18 * 26], odd)
-    half, _ = _encode(visual, px[: 18 * 26], odd, OIMConfig())
+    full, _ = _encode(tower, px[: 18 * 26], odd)
+    half, _ = _encode(tower, px[: 18 * 26], odd, OIMConfig())
     assert len(half) * 2 <= len(full)
 
 
-def test_merging_changes_features_only_where_merged(visual):
+def test_merging_changes_features_only_where_merged(tower):
     """A merge at the very end averages the final block outputs; the projector sees the means."""
     px = _pixels()[: 16 * 16]
     grid = GRIDS[:1]
-    out_end, g = _encode(visual, px, grid, OIMConfig(merge_depths=(1.0,)))
-    out_mid, _ = _encode(visual, px, grid, OIMConfig(merge_depths=(0.5,)))
+    out_end, g = _encode(tower, px, grid, OIMConfig(merge_depths=(1.0,)))
+    out_mid, _ = _encode(tower, px, grid, OIMConfig(merge_depths=(0.5,)))
     assert g.tolist() == [[1, 16, 8]] and not torch.allclose(out_end, out_mid)
 
 

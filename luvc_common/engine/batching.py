@@ -133,10 +133,11 @@ class _QueueWorker:
             group, total, rest = [], 0, deque()
             while self._waiting:
                 job = self._waiting.popleft()
-                fits = len(group) < room and (not group or total + cost(job) <= budget)
+                c = cost(job)
+                fits = len(group) < room and (not group or total + c <= budget)
                 if fits and (not group or job.compression == group[0].compression):
                     group.append(job)
-                    total += cost(job)
+                    total += c
                 else:
                     rest.append(job)
             self._waiting = rest
