@@ -1,25 +1,28 @@
 """InternVL through the family adapter, on tiny random checkpoints made by the repo's own writer
-(112-pixel tiles of 8 x 8 patches): stock transformers equality with compression off, OIM and SPU
-counts, cached decode, split loading, clear errors. Parametrised over the LLM (Qwen2 and Llama)."""
+(112-pixel tiles of 8 x 8 patches): stock transformers equality with compression off for images and
+video, OIM and SPU counts, cached decode, split loading, clear errors. Parametrised over the LLM (Qwen2
+and Llama)."""
 import io
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers.models.internvl.processing_internvl import InternVLProcessor
 
 import conftest
-from luvc_common.client import LUVCClient, image_file
+from luvc_common.client import LUVCClient, image_file, video_dir
 from luvc_common.compression.config import SPUConfig
 from luvc_common.compression.methods import method_config
 from luvc_common.config import Limits, ModelConfig
 from luvc_common.engine.language import Request
 from luvc_common.engine.media import Media, decode_image
 from luvc_common.engine.pipeline import Pipeline, encode
-from luvc_common.errors import MediaError, PromptError
+from luvc_common.errors import PromptError
 from luvc_common.models.internvl import FAMILY
 from luvc_common.models.loading import load_model
 from luvc_common.models.tiny import save_random_checkpoint
@@ -81,9 +84,13 @@ def test_tower_equals_stock_image_features(pipeline, stock, demo_image):
     assert torch.allclose(ours.embeds, theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["one image", "two images"])
-def test_compression_off_equals_stock_generate(case, pipeline, stock, demo_image):
-    media = [demo_image] if case == "one image" else [demo_image, _square_image()]
+CASES = {"one image": lambda image, video: [image], "two images": lambda image, video: [image, _square_image()],
+         "video": lambda image, video: [video], "image and video": lambda image, video: [image, video]}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compression_off_equals_stock_generate(case, pipeline, stock, demo_image, demo_video):
+    media = CASES[case](demo_image, demo_video)
     encoded = pipeline.encoder.encode(media, None)
     ids = pipeline.generator.prompt_ids(QUESTION, encoded)
     ours, logits = conftest.generate_with_logits(pipeline.generator.engine, [Request(ids, encoded)], None, 8)
@@ -102,19 +109,32 @@ def test_prompt_has_one_contiguous_run_per_image(pipeline, demo_image):
     assert [run.split(" </img>")[0].split() for run in runs] == [["<IMG_CONTEXT>"] * 9 * 16, ["<IMG_CONTEXT>"] * 13 * 16]
 
 
-def test_oim_at_most_halves_the_encoder_output_on_one_shared_grid(pipeline, demo_image):
-    media = [demo_image, _square_image()]
+def test_video_prompt_is_the_processors_run_per_frame(pipeline, demo_video):
+    """One `Frame{i}: <img>...</img>` run per frame, as InternVLProcessor.replace_video_token writes them
+    (called directly: the processor class itself needs torchvision)."""
+    encoded = pipeline.encoder.encode([demo_video], None)
+    assert encoded.grids == [(4, 8, 8)] and encoded.kinds == ["video"]
+    tokenizer = pipeline.generator.tokenizer
+    stock = InternVLProcessor.replace_video_token(
+        types.SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>", image_seq_length=16),
+        {"pixel_values_videos": [torch.zeros(4)]}, 0)
+    expected = tokenizer(f"user\n{stock}{QUESTION}", add_special_tokens=False)["input_ids"]
+    assert pipeline.generator.prompt_ids(f"<video>{QUESTION}", encoded)[1 : 1 + len(expected)] == expected
+
+
+def test_oim_at_most_halves_the_encoder_output_on_one_shared_grid(pipeline, demo_image, demo_video):
+    media = [demo_image, _square_image(), demo_video]
     none = pipeline.generate(media, QUESTION, method_config("none"), 4)
     oim = pipeline.generate(media, QUESTION, method_config("luvc", spu=None), 4)
-    assert oim.visual_tokens["vit_patches"] == none.visual_tokens["vit_patches"] == 22 * 64
+    assert oim.visual_tokens["vit_patches"] == none.visual_tokens["vit_patches"] == 26 * 64
     assert 2 * oim.visual_tokens["encoder_out"] <= none.visual_tokens["encoder_out"]
-    assert oim.visual_tokens["grids"] == [[9, 8, 4], [13, 8, 4]]  # every tile merged along w alike
+    assert oim.visual_tokens["grids"] == [[9, 8, 4], [13, 8, 4], [4, 8, 4]]  # every tile and frame merged along w alike
     assert oim.visual_tokens["llm_per_layer"] == [oim.visual_tokens["encoder_out"]] * 4
 
 
-def test_spu_counts_follow_the_schedule_and_end_at_zero(pipeline, demo_image):
+def test_spu_counts_follow_the_schedule_and_end_at_zero(pipeline, demo_image, demo_video):
     gen = pipeline.generator
-    encoded = pipeline.encoder.encode([demo_image, _square_image()], method_config("luvc"))
+    encoded = pipeline.encoder.encode([demo_image, demo_video, _square_image()], method_config("luvc"))
     ids = gen.prompt_ids(QUESTION, encoded)
     spu = SPUConfig(stages=((0.25, 0.5), (0.5, 0.2), (0.75, 0.0)))
     state = gen.engine.prefill([Request(ids, encoded)], method_config("luvc", spu=spu))
@@ -127,10 +147,10 @@ def test_spu_counts_follow_the_schedule_and_end_at_zero(pipeline, demo_image):
 
 
 @pytest.mark.parametrize("method", ["none", "luvc"])
-def test_cached_decode_equals_recomputation(pipeline, demo_image, method):
+def test_cached_decode_equals_recomputation(pipeline, demo_image, demo_video, method):
     gen = pipeline.generator
     cfg = method_config(method)
-    encoded = pipeline.encoder.encode([demo_image], cfg)
+    encoded = pipeline.encoder.encode([demo_image, demo_video], cfg)
     ids = gen.prompt_ids(QUESTION, encoded)
     continuation = gen.tokenizer("the circle is blue", add_special_tokens=False)["input_ids"]
     state = gen.engine.prefill([Request(ids, encoded)], cfg)
@@ -162,8 +182,6 @@ def test_halves_load_only_their_own_weights(tiny_internvl):
 
 
 def test_bad_input_gets_a_clear_error(pipeline, demo_image, demo_video):
-    with pytest.raises(MediaError, match="video"):
-        pipeline.generate([demo_video], QUESTION, method_config("none"), 2)
     encoded = pipeline.encoder.encode([demo_image], None)
     ids = pipeline.generator.prompt_ids(QUESTION, encoded)
     start = ids.index(pipeline.generator.tokenizer.convert_tokens_to_ids("<img>")) + 1
@@ -172,6 +190,13 @@ def test_bad_input_gets_a_clear_error(pipeline, demo_image, demo_video):
     with pytest.raises(PromptError, match="contiguous"):
         split = ids[: start + 5] + [ids[1]] + ids[start + 5 : -1]
         pipeline.generator.engine.prefill([Request(split, encoded)], None)
+    video = pipeline.encoder.encode([demo_video], None)
+    ids = pipeline.generator.prompt_ids(QUESTION, video)
+    context = pipeline.generator.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    at = ids.index(context)
+    one_run = ids[:at] + [context] * 64 + [i for i in ids[at:] if i != context]
+    with pytest.raises(PromptError, match="runs of \\[16, 16, 16, 16\\]"):
+        pipeline.generator.engine.prefill([Request(one_run, video)], None)
 
 
 def test_canonical_key_maps_the_transformers_4_layout():
@@ -211,10 +236,11 @@ def test_proportional_block_without_sizes_is_the_block(pipeline, demo_image):
     assert torch.allclose(ours, stock, atol=1e-5)
 
 
-def test_spu_resample_mode_on_1d_positions(pipeline, demo_image):
+def test_spu_resample_mode_on_1d_positions(pipeline, demo_image, demo_video):
+    """A video's frames are separate runs; its resampled tokens take the place of its first run."""
     gen = pipeline.generator
     cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
-    encoded = pipeline.encoder.encode([demo_image], cfg)
+    encoded = pipeline.encoder.encode([demo_image, demo_video], cfg)
     ids = gen.prompt_ids(QUESTION, encoded)
     state = gen.engine.prefill([Request(ids, encoded)], cfg)
     assert state.visual_per_layer[0][0] == len(encoded.embeds) and state.visual_per_layer[0][-1] == 0
@@ -224,20 +250,21 @@ def test_spu_resample_mode_on_1d_positions(pipeline, demo_image):
     assert torch.allclose(fresh.logits, cached, atol=1e-4)
 
 
-def test_services_serve_it_unchanged(tiny_internvl, pipeline, demo_image, tmp_path):
-    """The encoder and LLM services on an InternVL directory: the in-process answer (the tile grid
-    crossed the wire) and a LUVC payload of at most half."""
+def test_services_serve_it_unchanged(tiny_internvl, pipeline, demo_image, demo_video, tmp_path):
+    """The encoder and LLM services on an InternVL directory: the in-process answer (the tile and frame
+    grids crossed the wire) and a LUVC payload of at most half."""
     encoder = Service(["encoder", "--model", tiny_internvl], tmp_path / "encoder.log").start()
     llm = Service(["llm", "--model", tiny_internvl, "--encoder", encoder.target], tmp_path / "llm.log").start()
     try:
         with LUVCClient(llm.target) as client:
-            remote = {m: client.generate(QUESTION, [image_file(conftest.ASSETS / "demo.png")], method=m, max_new_tokens=6,
-                                         wire_dtype="FP32", timeout=120) for m in ("none", "luvc")}
+            media = [image_file(conftest.ASSETS / "demo.png"), video_dir(conftest.ASSETS / "demo_video")]
+            remote = {m: client.generate(QUESTION, media, method=m, max_new_tokens=6, wire_dtype="FP32", timeout=120)
+                      for m in ("none", "luvc")}
     finally:
         llm.stop()
         encoder.stop()
     for method, answer in remote.items():
-        local = pipeline.generate([demo_image], QUESTION, method_config(method), 6)
+        local = pipeline.generate([demo_image, demo_video], QUESTION, method_config(method), 6)
         assert list(answer.token_ids) == local.token_ids and list(answer.llm_per_layer) == local.visual_tokens["llm_per_layer"]
     assert 2 * remote["luvc"].payload_bytes <= remote["none"].payload_bytes
 

@@ -19,9 +19,12 @@ class VisualTokens:
     cells: list[Tensor | None] | None = None
     """Per item, the raster cells of its LLM-token grid that `embeds` fills (increasing), or None when
     it fills the whole grid; None for all items when no item is a subset."""
+    kinds: list[str] | None = None
+    """"image" or "video" per item; None: all images."""
 
     def __post_init__(self) -> None:
         self.cells = self.cells or [None] * len(self.grids)
+        self.kinds = self.kinds or ["image"] * len(self.grids)
 
     def grid_counts(self, unit: int) -> list[int]:
         """LLM tokens of each item's full grid: its placeholders in the prompt."""

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from luvc_common.compression.config import CompressionConfig
 from luvc_common.compression.methods import get
 from luvc_common.compression.methods.base import LayerInputs, Span, gather, members
-from luvc_common.errors import PromptError
+from luvc_common.errors import PromptError, shorten
 from luvc_common.models.family import family_of
 from luvc_common.compression.visual import VisualTokens
 
@@ -76,8 +76,7 @@ class LanguageEngine:
         return len(self.lm.layers)
 
     def _spans(self, ids: Tensor, req: Request) -> list[Span]:
-        is_media = torch.isin(ids, torch.tensor(list(self.media_token_types)))
-        positions = is_media.nonzero().flatten().tolist()
+        positions = torch.isin(ids, torch.tensor(list(self.media_token_types))).nonzero().flatten()
         visual = req.visual
         counts = visual.grid_counts(self.unit)
         present = sum(visual.token_counts(self.unit))
@@ -87,14 +86,13 @@ class LanguageEngine:
                 f"(grids {visual.grids}), {present} of them present, and {len(visual.embeds)} "
                 "visual embeddings were supplied"
             )
-        spans, offset = [], 0
-        for n, (t, h, w) in zip(counts, visual.grids):
-            start = positions[offset]
-            if positions[offset + n - 1] != start + n - 1 or (offset + n < len(positions) and positions[offset + n] == start + n):
-                raise PromptError(f"media item {len(spans)}: its {n} placeholder tokens are not one contiguous run")
-            spans.append(Span(start, n, (t, h // self.unit, w // self.unit)))
-            offset += n
-        return spans
+        runs = torch.diff(positions, prepend=positions[:1] - 2, append=positions[-1:] + 2).ne(1).nonzero().flatten().diff().tolist()
+        expected = [n // r for n, kind, (t, _, _) in zip(counts, visual.kinds, visual.grids)
+                    for r in [self.family.chat.runs(kind, t)] for _ in range(r)]
+        if runs != expected:
+            raise PromptError(f"the prompt's visual placeholder runs have lengths {shorten(str(runs), 80)}, "
+                              f"the media need contiguous runs of {shorten(str(expected), 80)}")
+        return [Span(cells, (t, h // self.unit, w // self.unit)) for cells, (t, h, w) in zip(positions.split(counts), visual.grids)]
 
     def _mask(self, valid: Tensor, q_len: int, dtype: torch.dtype) -> Tensor | None:
         """Attention mask for queries = the last q_len of `valid`'s keys (causal). None when nothing is
@@ -119,15 +117,15 @@ class LanguageEngine:
         for b, r in enumerate(requests):
             ids[b, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
             valid[b, width - len(r.input_ids) :] = True
-        spans = [[Span(s.start + width - len(r.input_ids), s.length, s.grid) for s in self._spans(torch.tensor(r.input_ids), r)] for b, r in enumerate(requests)]
+        spans = [[Span(s.cells + width - len(r.input_ids), s.grid) for s in self._spans(torch.tensor(r.input_ids), r)] for r in requests]
 
         hidden = self.lm.embed_tokens(ids.to(device))
         absent = torch.zeros_like(valid)
         for b, r in enumerate(requests):
             for s, e, c in zip(spans[b], r.visual.embeds.split(r.visual.token_counts(self.unit)), r.visual.cells):
-                at = s.start + (torch.arange(s.length) if c is None else c.cpu().long())
+                at = s.cells if c is None else s.cells[c.cpu().long()]
                 hidden[b, at.to(device)] = e.to(device, dtype)
-                absent[b, s.start : s.start + s.length] = True
+                absent[b, s.cells] = True
                 absent[b, at] = False
         token_type = torch.zeros_like(ids, dtype=torch.int)
         for token_id, kind in self.media_token_types.items():
@@ -135,7 +133,7 @@ class LanguageEngine:
         image_grids, video_grids = [], []
         for b, r in enumerate(requests):
             for s, g in zip(spans[b], r.visual.grids):
-                (image_grids if token_type[b, s.start] == 1 else video_grids).append(list(g))
+                (image_grids if token_type[b, s.cells[0]] == 1 else video_grids).append(list(g))
         position_ids = self.family.position_ids(self.model, ids, token_type, image_grids, video_grids, valid).to(device)
         positions = position_ids.reshape(-1, *ids.shape)  # (axes, B, L) whatever the family's shape: one axis for 1D RoPE
         next_position = (positions.amax(dim=(0, 2)) + 1).cpu()

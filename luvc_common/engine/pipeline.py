@@ -31,8 +31,6 @@ class EncodedMedia(VisualTokens):
     """What the encoder hands the LLM side: the visual tokens, their grids (merged; the source grids
     before merging), media kinds and encoder figures."""
 
-    kinds: list[str] = field(default_factory=list)
-    """"image" or "video" per item."""
     source_grids: list[tuple[int, int, int]] = field(default_factory=list)
     """ViT grid per item before merging."""
     vit_patches: int = 0
@@ -91,9 +89,9 @@ class VisionEncoder:
         self.image_processor = load_image_processor(model_cfg.path)
         self.unit = self.tower.unit
 
-    def planned_size(self, width: int, height: int) -> tuple[int, int]:
+    def planned_size(self, width: int, height: int, kind: str = "image") -> tuple[int, int]:
         """(width, height) the image processor resizes an image of this size to."""
-        return self.family.planned_size(self.image_processor, width, height)
+        return self.family.planned_size(self.image_processor, width, height, kind)
 
     def patches(self, items: list[MediaFiles]) -> int:
         """ViT patches the media will make after resizing, from their headers."""
@@ -112,7 +110,7 @@ class VisionEncoder:
         between frames (it raises to stop)."""
         media = []
         for item in items:
-            size = self.planned_size(item.frames[0].width, item.frames[0].height)
+            size = self.planned_size(item.frames[0].width, item.frames[0].height, item.kind)
             frames = []
             for f in item.frames:
                 check()
@@ -150,7 +148,8 @@ class TextGenerator:
 
     def prompt_ids(self, question: str, encoded: EncodedMedia) -> list[int]:
         counts = encoded.grid_counts(self.engine.unit)
-        return build_prompt_ids(self.tokenizer, self.chat, question, encoded.kinds, counts, self.limits.max_prompt_tokens)
+        return build_prompt_ids(self.tokenizer, self.chat, question, encoded.kinds, counts, self.limits.max_prompt_tokens,
+                                [t for t, _, _ in encoded.grids])
 
     def generate(
         self, question: str, encoded: EncodedMedia, compression: CompressionConfig, max_new_tokens: int, on_step=None,

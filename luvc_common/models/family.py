@@ -35,13 +35,21 @@ class ChatTokens:
     image: str
     """Repeated once per LLM token of an image."""
     video: str
+    """Repeated once per LLM token of a video whose frames make one run (frame_prefix None)."""
+    frame_prefix: str | None = None
+    """InternVL-style video: each frame is its own image run (media_start, `image` tokens, media_end) after
+    this prefix, formatted with the frame number from 1 ("Frame{i}: "), runs joined by newlines."""
 
     @property
     def all(self) -> list[str]:
         return [self.pad, self.turn_start, self.turn_end, self.media_start, self.media_end, self.image, self.video]
 
     def placeholder(self, kind: str) -> str:
-        return self.image if kind == "image" else self.video
+        return self.video if kind == "video" and self.frame_prefix is None else self.image
+
+    def runs(self, kind: str, frames: int) -> int:
+        """Placeholder runs an item of this kind with `frames` grid frames makes in a prompt."""
+        return frames if kind == "video" and self.frame_prefix is not None else 1
 
 
 class MediaItem(Protocol):
@@ -114,8 +122,8 @@ class Family:
         raise NotImplementedError
 
     # media
-    def planned_size(self, processor, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the image processor resizes an image of this size to."""
+    def planned_size(self, processor, width: int, height: int, kind: str = "image") -> tuple[int, int]:
+        """(width, height) the image processor resizes an image (or a video's frame) of this size to."""
         raise NotImplementedError
 
     def vit_patches(self, processor, kind: str, width: int, height: int, frames: int) -> int:

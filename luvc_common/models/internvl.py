@@ -10,10 +10,13 @@ token; on block-major tokens that is a plain reshape, so it works on a merged (n
 which `get_image_features`' square reshape cannot. The LLM (Qwen2, Qwen3 or Llama) uses plain 1D
 RoPE, so kept tokens keep their original position ids after pruning.
 
-SPU sees an image as its (tiles, h, w) LLM-token grid, so its low-pass filter runs on each tile (the
-thumbnail included) as its own 2D signal; the tile mosaic is not stitched back into one grid.
-Video (one tile per frame, each frame its own `Frame{i}: <img>...</img>` run) is not supported yet:
-the prompt builder makes one placeholder run per media item.
+A video is one tile per frame (each frame resized to the tile, as InternVL's video processor does),
+and in the prompt each frame is its own `Frame{i}: <img>...</img>` run; its frames are the frames of
+one (frames, h, w) grid, like an image's tiles.
+
+SPU sees an item as its (tiles or frames, h, w) LLM-token grid, so its low-pass filter runs on each
+tile (the thumbnail included) or frame as its own 2D signal; the tile mosaic is not stitched back into
+one grid.
 """
 from __future__ import annotations
 
@@ -147,7 +150,7 @@ class InternVL(Family):
     model_class = InternVLForConditionalGeneration
     config_class = InternVLConfig
     chat = ChatTokens(pad="<|endoftext|>", turn_start="<|im_start|>", turn_end="<|im_end|>", media_start="<img>",
-                      media_end="</img>", image="<IMG_CONTEXT>", video="<video>")
+                      media_end="</img>", image="<IMG_CONTEXT>", video="<video>", frame_prefix="Frame{i}: ")
     vision_modules = ("vision_tower", "multi_modal_projector")
 
     def tiny_config(self, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256, vision_dim: int = 64,
@@ -218,30 +221,34 @@ class InternVL(Family):
     def unit(self, config) -> int:
         return round(1 / config.downsample_ratio)
 
-    def planned_size(self, processor, width: int, height: int) -> tuple[int, int]:
-        """The tiled canvas: the processor cuts an image of exactly this size into the same tiles."""
+    def planned_size(self, processor, width: int, height: int, kind: str = "image") -> tuple[int, int]:
+        """The tiled canvas: the processor cuts an image of exactly this size into the same tiles; a
+        video frame: one tile."""
         tile = processor.size["height"]
+        if kind == "video":
+            return tile, tile
         columns, rows = get_optimal_tiled_canvas((height, width), (tile, tile), processor.min_patches, processor.max_patches)
         return columns * tile, rows * tile
 
     def vit_patches(self, processor, kind: str, width: int, height: int, frames: int) -> int:
-        """Every tile of the canvas, plus the thumbnail the processor adds when there are several."""
+        """Every tile of the canvas, plus the thumbnail the processor adds when there are several; a
+        video: one tile per frame."""
         tile = processor.size["height"]
+        if kind == "video":
+            return frames * (tile // PATCH) ** 2
         columns, rows = (side // tile for side in self.planned_size(processor, width, height))
         return (columns * rows + (columns * rows > 1)) * (tile // PATCH) ** 2
 
     def patchify(self, media: Sequence[MediaItem], image_processor) -> tuple[Tensor, Tensor]:
-        """(tiles, 3, tile, tile) pixels of all images' tiles (each image's thumbnail last) and a
-        (tiles, tile / patch, tile / patch) grid per image. An image is first resized to its tiled
-        canvas, as the encoder service decodes it, so the thumbnail is the same in and out of process."""
-        if any(item.kind != "image" for item in media):
-            raise MediaError("InternVL: video input is not supported yet (images only)")
+        """(tiles, 3, tile, tile) pixels of all images' tiles (each image's thumbnail last) and videos'
+        frames, and a (tiles or frames, tile / patch, tile / patch) grid per item. An image is first
+        resized to its tiled canvas (a frame to the tile), as the encoder service decodes it, so the
+        thumbnail is the same in and out of process."""
         pixels, grids = [], []
         for item in media:
-            frame = item.frames[0]
-            canvas = self.planned_size(image_processor, *frame.size)
-            frame = frame if frame.size == canvas else frame.resize(canvas, Image.Resampling.BICUBIC)
-            tiles = image_processor(images=frame, return_tensors="pt")["pixel_values"]
+            canvas = self.planned_size(image_processor, *item.frames[0].size, item.kind)
+            frames = [f if f.size == canvas else f.resize(canvas, Image.Resampling.BICUBIC) for f in item.frames]
+            tiles = image_processor(images=frames, crop_to_patches=item.kind == "image", return_tensors="pt")["pixel_values"]
             pixels.append(tiles)
             side = tiles.shape[-1] // PATCH
             grids.append(torch.tensor([len(tiles), side, side]))

@@ -146,7 +146,7 @@ class Qwen2VL(Family):
     def unit(self, config) -> int:
         return config.vision_config.spatial_merge_size
 
-    def planned_size(self, processor, width: int, height: int) -> tuple[int, int]:
+    def planned_size(self, processor, width: int, height: int, kind: str = "image") -> tuple[int, int]:
         h, w = smart_resize(height, width, factor=processor.patch_size * processor.merge_size,
                             min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
         return w, h

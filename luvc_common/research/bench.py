@@ -145,7 +145,8 @@ def bench(shape: str, specs: list[str], repeats: int, image_size: int, decode_to
     prompt = "What color is the circle?"
 
     def prompt_for(encoded):
-        return build_prompt_ids(tokenizer, engine.family.chat, prompt, encoded.kinds, encoded.grid_counts(engine.unit), limits.max_prompt_tokens)
+        return build_prompt_ids(tokenizer, engine.family.chat, prompt, encoded.kinds, encoded.grid_counts(engine.unit), limits.max_prompt_tokens,
+                                [t for t, _, _ in encoded.grids])
 
     media = [luvc_pb2.Media(image=_bench_image(image_size))]
     encoder = Service(["encoder", "--model", str(model_dir), "--max-queue", "4"], cache / f"encoder-{shape}.log", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})

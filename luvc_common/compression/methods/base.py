@@ -51,12 +51,20 @@ class VisionTower(Protocol):
 
 @dataclass
 class Span:
-    """One media item's placeholder run in a prompt row."""
+    """One media item's placeholders in a prompt row: one run, or one run per frame (InternVL's video)."""
 
-    start: int
-    length: int
+    cells: Tensor
+    """(n,) increasing prompt indices of the item's placeholders, one per cell of its grid in raster order."""
     grid: Grid
     """LLM-token grid (t, h / unit, w / unit)."""
+
+    @property
+    def length(self) -> int:
+        return len(self.cells)
+
+    def cell(self, source: Tensor) -> Tensor:
+        """Raster index in the grid of the placeholders at prompt indices `source`."""
+        return torch.searchsorted(self.cells, source)
 
 
 Row = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -94,7 +102,7 @@ class LayerInputs:
 
 def members(source: Tensor, span: Span) -> Tensor:
     """Indices into a row of the tokens that belong to `span`."""
-    return ((source >= span.start) & (source < span.start + span.length)).nonzero().flatten()
+    return torch.isin(source, span.cells).nonzero().flatten()
 
 
 def gather(row: Row, keep: Tensor) -> Row:

@@ -22,7 +22,7 @@ class DARTPruner(LayerPruner):
 
         def choose(j, span, mine):
             mine = mine.to(keys.device)
-            text = (source >= span.start + span.length).nonzero().flatten().to(keys.device)  # the prompt after the item
+            text = (source > span.cells[-1]).nonzero().flatten().to(keys.device)  # the prompt after the item
             keep = min(baselines.keep_count(span.length, self.cfg.keep_ratio), len(mine))
             return baselines.dart_keep(keys[mine], keys[text], normed[mine], normed[text], keep, *self.cfg.pivots)
 

@@ -32,7 +32,7 @@ class SPUCascade(LayerPruner):
 
         def choose(j, span, mine):
             kept, self.state[b, j] = spu.select(
-                hidden[mine], (source[mine] - span.start).to(hidden.device), span.grid,
+                hidden[mine], span.cell(source[mine]).to(hidden.device), span.grid,
                 round(ratio * span.length), self.cfg.cutoff, self.cfg.window, self.state.get((b, j)),
             )
             return kept
@@ -48,24 +48,25 @@ class SPUCascade(LayerPruner):
         for j, s in enumerate(spans):
             item[members(source, s)] = j
         valid = (source >= 0).nonzero().flatten()
-        pieces, offset = [], 0
+        pieces, offset, done = [], 0, set()
         runs, counts = torch.unique_consecutive(item[valid], return_counts=True)
         for j, n in zip(runs.tolist(), counts.tolist()):
             idx = valid[offset : offset + n]
-            on_device = idx.to(hidden.device)
             offset += n
             if j < 0:
+                on_device = idx.to(hidden.device)
                 pieces.append((hidden[on_device], cos[on_device], sin[on_device], source[idx]))
                 continue
-            if ratio == 0:
+            if ratio == 0 or j in done:  # an item in several runs (frames) is resampled whole where its first run was
                 continue
+            done.add(j)
             s = spans[j]
             grid, new = self.state.get((b, j), s.grid), spu.resampled_grid(s.grid, round(ratio * s.length))
             self.state[b, j] = new
-            x = spu.spectral_resample(hidden[on_device].view(*grid, -1), new[1:]).to(hidden.dtype)
-            pos = spu.resampled_positions(positions[:, s.start : s.start + s.length].view(len(positions), *s.grid), new[1:])
+            x = spu.spectral_resample(hidden[members(source, s).to(hidden.device)].view(*grid, -1), new[1:]).to(hidden.dtype)
+            pos = spu.resampled_positions(positions[:, s.cells].view(len(positions), *s.grid), new[1:])
             c, si = inputs.rotary(x[None], pos.reshape(len(pos), 1, -1).to(hidden.device))
-            pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.start + torch.arange(x.shape[:3].numel())))
+            pieces.append((x.reshape(-1, x.shape[-1]), c[0], si[0], s.cells[: x.shape[:3].numel()]))
         return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
