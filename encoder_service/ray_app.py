@@ -11,4 +11,4 @@ def encoder_app(args: dict):
     default_method, wire_dtype, any Limits field), auth_token, max_queue, grace_s and the deployment
     overrides."""
     config, server = configs_from_args(args, EncoderConfig)
-    return deployment(EncoderServicer, "encoder", args, server, config.max_batch).bind(config, server, load_now=True)
+    return deployment(EncoderServicer, "encoder", args, server, config.max_batch).bind(config, server, on_ray=True)

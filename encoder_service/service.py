@@ -25,10 +25,10 @@ SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name
 class EncoderService:
     """Transport-independent encoder: call `load()` once, then `encode()` per request."""
 
-    def __init__(self, config: EncoderConfig, server: ServerConfig):
+    def __init__(self, config: EncoderConfig, server: ServerConfig, on_ray: bool = False):
         self.config = config
         self.server = server
-        self.metrics = Metrics("encoder")
+        self.metrics = Metrics("encoder", on_ray)
         self.gate = Gate(server)
         self.logger = get_logger("encoder")
         self.encoder: VisionEncoder | None = None

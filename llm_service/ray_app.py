@@ -19,7 +19,7 @@ def llm_app(args: dict, config: LLMConfig | None = None, server: ServerConfig | 
         if "encoder" not in args:
             raise ConfigError("llm_app needs an `encoder` arg (host:port of the encoder)")
         config, server = configs_from_args(args, LLMConfig)
-    return deployment(LLMServicer, "llm", args, server, config.max_batch).bind(config, server, load_now=True)
+    return deployment(LLMServicer, "llm", args, server, config.max_batch).bind(config, server, on_ray=True)
 
 
 def run_llm_on_ray(config: LLMConfig, server: ServerConfig) -> None:

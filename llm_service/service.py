@@ -29,10 +29,10 @@ SERVICE_NAME = luvc_pb2.DESCRIPTOR.services_by_name["LLM"].full_name
 class LLMService:
     """Transport-independent LLM stage: call `load()` once, then iterate `generate()` per request."""
 
-    def __init__(self, config: LLMConfig, server: ServerConfig):
+    def __init__(self, config: LLMConfig, server: ServerConfig, on_ray: bool = False):
         self.config = config
         self.server = server
-        self.metrics = Metrics("llm")
+        self.metrics = Metrics("llm", on_ray)
         self.gate = Gate(server)
         self.logger = get_logger("llm")
         self.generator: TextGenerator | None = None

@@ -32,7 +32,7 @@ def test_compose_file_is_valid_and_wired():
     from luvc_common.config import Limits
     for service in (encoder, llm):  # every limit reaches both services (the CLI reads LUVC_MAX_*)
         assert {f"LUVC_{name.upper()}" for name in Limits.__dataclass_fields__} <= set(service["environment"])
-    assert {p["published"] for s in (encoder, llm) for p in s["ports"]} == {"50051", "50052", "9100"}  # 9100: encoder /metrics
+    assert {p["published"] for s in (encoder, llm) for p in s["ports"]} == {"50051", "50052", "9100", "9101"}  # /metrics: encoder, Ray
 
 
 def test_gpu_override_reserves_one_gpu_per_service():
@@ -126,9 +126,9 @@ def test_every_serve_flag_reaches_the_plain_server_and_the_ray_deployment_alike(
     assert captured["ray"][1].max_message_bytes == 3 * MiB
 
 
-def test_tls_and_metrics_with_ray_are_refused_with_a_clear_error():
+def test_tls_and_cluster_metrics_port_with_ray_are_refused_with_a_clear_error(monkeypatch):
     """Ray's gRPC proxy serves plaintext: asking it for TLS is an error, never a silent plaintext port;
-    likewise /metrics, which Ray replicas do not export yet."""
+    on an existing cluster the nodes' metrics agents own the metrics port, so --metrics-port is an error."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from luvc_common.errors import ConfigError
     from luvc_common.serving.ray import run_on_ray
@@ -136,5 +136,6 @@ def test_tls_and_metrics_with_ray_are_refused_with_a_clear_error():
 
     with pytest.raises(ConfigError, match="plaintext only"):
         run_on_ray(lambda: None, "llm", ServerConfig(tls_cert="cert.pem", tls_key="key.pem"))
-    with pytest.raises(ConfigError, match="metrics-port"):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(ConfigError, match="metrics-export-port"):
         run_on_ray(lambda: None, "llm", ServerConfig(metrics_port=9100))

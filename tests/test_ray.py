@@ -2,11 +2,14 @@
 import signal
 import threading
 import time
+import urllib.request
+from typing import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")  # installed by `make test`
 from ray import serve  # noqa: E402
@@ -56,12 +59,28 @@ def _ray_processes(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
+def _ray_metrics(port: str, wanted: Callable[[dict], bool], timeout: float = 90.0) -> dict:
+    """{(name, labels without Ray's own tags): value} from the local Ray's metrics export, once wanted(samples)
+    (the agent exports what replicas recorded every few seconds)."""
+    end = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            samples = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k in ("service", "method", "code", "layer")))): s.value
+                       for family in text_string_to_metric_families(reply.read().decode()) for s in family.samples
+                       if s.name.startswith("ray_luvc_")}
+        if wanted(samples) or time.monotonic() > end:
+            return samples
+        time.sleep(2)
+
+
 def test_cli_ray_deploy_answers_like_in_process_and_shuts_down_clean(encoder, tiny_qwen2vl, tmp_path_factory, demo_image):
     """`luvc serve llm --ray` with the flags docker-compose uses: a token on the public port and
-    another one sent to the encoder (which refuses requests without it)."""
+    another one sent to the encoder (which refuses requests without it), and the replicas' metrics
+    exported by the local Ray at --metrics-port."""
     temp_dir = str(tmp_path_factory.mktemp("ray"))
+    metrics_port = str(free_port())
     llm = Service(["llm", "--ray", "--model", tiny_qwen2vl, "--encoder", encoder.target, "--auth-token", "llm-secret",
-                   "--encoder-token", ENCODER_TOKEN, "--max-new-tokens", "16"],
+                   "--encoder-token", ENCODER_TOKEN, "--max-new-tokens", "16", "--metrics-port", metrics_port],
                   tmp_path_factory.mktemp("l") / "llm.log", env={"RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""})  # "" = start a local instance
     llm.start(wait=False)
     try:
@@ -80,6 +99,13 @@ def test_cli_ray_deploy_answers_like_in_process_and_shuts_down_clean(encoder, ti
                     client.generate(prompt, [image_file(DEMO)], max_new_tokens=max_new, timeout=30)
                 assert info.value.code() == expected, (token, prompt, info.value.details())
         assert _ray_processes(temp_dir), "expected Ray processes under RAY_TMPDIR while serving"
+        ok = ("ray_luvc_requests_total", (("code", "OK"), ("method", "generate"), ("service", "llm")))
+        invalid = ("ray_luvc_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "generate"), ("service", "llm")))
+        samples = _ray_metrics(metrics_port, lambda s: s.get(ok, 0) >= 2 and s.get(invalid, 0) >= 2)
+        assert samples.get(ok, 0) >= 2 and samples.get(invalid, 0) >= 2, sorted(samples)[:20]
+        assert samples[("ray_luvc_generated_tokens_total", (("method", "luvc"),))] > 0
+        assert samples[("ray_luvc_visual_tokens_total", (("layer", "0"), ("method", "luvc")))] > 0
+        assert ("ray_luvc_queue_depth", (("service", "llm"),)) in samples  # a gauge the replica pushes from its engine
     finally:
         t0 = time.monotonic()
         code = llm.stop(signal.SIGTERM, timeout=60)

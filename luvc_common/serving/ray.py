@@ -83,21 +83,25 @@ def run_on_ray(build_app: Callable, name: str, server: ServerConfig) -> None:
     build_app() returns (after ray.init: it asks the cluster for GPUs) behind Ray's gRPC proxy on
     server.host:server.port, and shut down what we started on SIGTERM.
 
-    Ray's proxy serves plaintext only, so TLS is refused here (terminate it in front of the proxy), and
-    so is --metrics-port (replicas are not wired to Ray's metrics agent yet);
-    the message limit reaches the proxy through RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, which a local Ray
-    instance inherits (on an existing cluster, set it on the nodes)."""
+    Ray's proxy serves plaintext only, so TLS is refused here (terminate it in front of the proxy).
+    Replicas record their metrics to Ray's metrics agent, which a local Ray instance exports at
+    --metrics-port (with Ray's and Ray Serve's own); on an existing cluster each node's
+    `ray start --metrics-export-port` decides, so --metrics-port is refused there. The message limit
+    reaches the proxy through RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, which a local Ray instance inherits (on an
+    existing cluster, set it on the nodes)."""
     if server.tls_cert:
         raise ConfigError("--tls-cert/--tls-key with --ray: Ray Serve's gRPC proxy serves plaintext only; "
                           "terminate TLS in front of it, or serve without --ray")
-    if server.metrics_port is not None:
-        raise ConfigError("--metrics-port with --ray is not supported yet: replicas do not export to Ray's metrics "
-                          "agent; serve without --ray for /metrics")
+    address = os.environ.pop("RAY_ADDRESS", "") or None  # Ray itself rejects an empty RAY_ADDRESS
+    if server.metrics_port is not None and address:
+        raise ConfigError("--metrics-port with --ray on an existing cluster: replicas' metrics are exported by each "
+                          "node's metrics agent, at the port its `ray start --metrics-export-port` set")
+    metrics_port = None if server.metrics_port is None else server.metrics_port or free_port(server.host)
     logger = get_logger(f"{name}-ray")
     t0 = time.perf_counter()
-    address = os.environ.pop("RAY_ADDRESS", "") or None  # Ray itself rejects an empty RAY_ADDRESS
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(server.max_message_bytes)
-    ray.init(address=address, include_dashboard=False, _temp_dir=os.environ.get("RAY_TMPDIR") or None)
+    ray.init(address=address, include_dashboard=False, _temp_dir=os.environ.get("RAY_TMPDIR") or None,
+             **({"_metrics_export_port": metrics_port} if metrics_port else {}))
     t_ray = time.perf_counter()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
@@ -108,7 +112,8 @@ def run_on_ray(build_app: Callable, name: str, server: ServerConfig) -> None:
     )
     serve.run(build_app(), name=name, route_prefix=f"/{name}")
     log(logger, "deployed; SERVING through Ray's gRPC proxy", port=server.port, application=name, auth=bool(server.auth_token),
-        ray_start_s=round(t_ray - t0, 2), deploy_s=round(time.perf_counter() - t_ray, 2), joined_cluster=address is not None)
+        ray_start_s=round(t_ray - t0, 2), deploy_s=round(time.perf_counter() - t_ray, 2), joined_cluster=address is not None,
+        metrics_port=metrics_port)
     stop.wait()
     log(logger, "stopping")
     serve.shutdown()

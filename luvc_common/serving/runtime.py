@@ -261,8 +261,9 @@ def _parse_safely(handler, method: str):
 
 
 class ServicerBase:
-    """What a gRPC servicer shares: it owns one service (`service_class(config, server)`); the
-    same servicer object is hosted by grpc.aio (`run`) or as a Ray Serve deployment (`load_now`).
+    """What a gRPC servicer shares: it owns one service (`service_class(config, server, on_ray)`); the
+    same servicer object is hosted by grpc.aio (`run`) or as a Ray Serve replica (`on_ray`: loaded at
+    once, metrics recorded to Ray's metrics agent).
     Ray passes its context as the keyword `grpc_context`; grpc.aio passes it positionally.
     Every failure becomes a status code; a client that goes away leaves a log line."""
 
@@ -270,9 +271,9 @@ class ServicerBase:
     add_to_server: Callable
     service_name: str
 
-    def __init__(self, config, server: ServerConfig, load_now: bool = False):
-        self.service = self.service_class(config, server)
-        if load_now:
+    def __init__(self, config, server: ServerConfig, on_ray: bool = False):
+        self.service = self.service_class(config, server, on_ray)
+        if on_ray:
             self.service.load()
             self.service.gate.ready = True
 
