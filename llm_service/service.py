@@ -121,7 +121,7 @@ class LLMService:
 
         tokens, text, detokenizer = [], "", DecodeStream(skip_special_tokens=True)  # incremental: each token decoded once
         first = last = None
-        async for out in self._submit(ids, encoded, method, max_new, call):
+        async for out in self._submit(ids, encoded, method, max_new, request.ignore_eos, call):
             t_last = time.perf_counter()
             if first is None:
                 first, t_first = out, t_last
@@ -147,7 +147,7 @@ class LLMService:
             batch_size=first.batch_size, **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
         yield luvc_pb2.GenerateResponse(text=result.text[len(text):], stats=stats)
 
-    async def _submit(self, ids: list[int], encoded: EncodedMedia, method, max_new: int, call: Call) -> AsyncIterator[Output]:
+    async def _submit(self, ids: list[int], encoded: EncodedMedia, method, max_new: int, ignore_eos: bool, call: Call) -> AsyncIterator[Output]:
         """Queue the request in the batching engine (RESOURCE_EXHAUSTED beyond max_queue waiting) and
         yield its outputs up to the finished one. A consumer that goes away stops the request, so the
         engine drops its row at its next step."""
@@ -156,7 +156,7 @@ class LLMService:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {waiting} requests queued (max_queue={self.server.max_queue})")
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
         emit = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)  # noqa: E731 - called on the engine's thread
-        self.batcher.add(EngineRequest(ids, encoded, method, max_new, emit, call.stopped))
+        self.batcher.add(EngineRequest(ids, encoded, method, max_new, emit, call.stopped, ignore_eos))
         try:
             while True:
                 out = await outputs.get()

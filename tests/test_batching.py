@@ -32,8 +32,8 @@ def _collect(engine: BatchingEngine, jobs: list[dict]) -> list[dict]:
                 done[i].set()
         return emit
 
-    engine.add(*[EngineRequest(j["ids"], j["encoded"], j["cfg"], j["max_new"], sink(i), j.get("stopped", lambda: False))
-                 for i, j in enumerate(jobs)])
+    engine.add(*[EngineRequest(j["ids"], j["encoded"], j["cfg"], j["max_new"], sink(i), j.get("stopped", lambda: False),
+                               j.get("ignore_eos", False)) for i, j in enumerate(jobs)])
     for event in done:
         assert event.wait(300)
     return results
@@ -172,3 +172,19 @@ def test_an_encoder_batch_returns_what_each_request_returns_alone(pipeline, spec
         assert b.grids == a.grids and b.kinds == a.kinds and b.vit_patches == a.vit_patches
         assert [None if c is None else c.tolist() for c in b.cells] == [None if c is None else c.tolist() for c in a.cells]
         assert torch.allclose(b.embeds, a.embeds, atol=1e-5)
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(pipeline, demo_image, demo_video):
+    """A row that ignores EOS goes on past it (the EOS id among its tokens); the same request beside it stops there."""
+    job = {**_jobs(pipeline, demo_image, demo_video, "luvc")[0], "max_new": 6}
+    engine = BatchingEngine(pipeline.generator.engine)
+    try:
+        (free,) = _collect(engine, [job])
+        assert len(free["tokens"]) == 6, "the tiny model's answer must not end early for this check"
+        eos = free["tokens"][2]
+        engine.eos = {eos}  # the engine takes EOS from the config; here a token this answer is known to contain plays it
+        stops, goes_on = _collect(engine, [job, {**job, "ignore_eos": True}])
+    finally:
+        engine.close()
+    assert stops["tokens"] == free["tokens"][: free["tokens"].index(eos)] and stops["outputs"][-1].finished == "eos"
+    assert goes_on["tokens"] == free["tokens"] and goes_on["outputs"][-1].finished == "length"

@@ -318,14 +318,17 @@ def test_token_auth_and_tls(tiny_qwen2vl, tmp_path):
 
 def test_load_generator_accounts_for_every_request(stack, tmp_path):
     """`luvc load` through the real client: each level sends exactly --requests, each one answered or
-    refused with RESOURCE_EXHAUSTED (the LLM queues 4); --precomputed sends the encoder's tokens."""
+    refused with RESOURCE_EXHAUSTED (the LLM queues 4); --precomputed sends the encoder's tokens;
+    --ignore-eos makes every answer --max-new-tokens long; the LLM's /metrics answers during the load."""
     from luvc_common.cli import main
     from luvc_common.research.load import percentile
 
     encoder, llm = stack
     out = tmp_path / "load.json"
+    port = llm.args[llm.args.index("--metrics-port") + 1]
     assert main(["load", "--target", llm.target, "--concurrency", "1,8", "--requests", "8", "--max-new-tokens", "4",
-                 "--method", "luvc", "--method", "none", "--json", str(out), "--plot", str(tmp_path / "load.png")]) == 0
+                 "--method", "luvc", "--method", "none", "--json", str(out), "--plot", str(tmp_path / "load.png"),
+                 "--ignore-eos", "--metrics", f"http://127.0.0.1:{port}/metrics"]) == 0
     assert main(["load", "--target", llm.target, "--concurrency", "2", "--requests", "4", "--max-new-tokens", "4",
                  "--precomputed", "--encoder", encoder.target, "--json", str(tmp_path / "pre.json")]) == 0
     rows = json.loads(out.read_text())["results"] + json.loads((tmp_path / "pre.json").read_text())["results"]
@@ -334,6 +337,10 @@ def test_load_generator_accounts_for_every_request(stack, tmp_path):
         assert r["requests"] == sum(r["codes"].values()) and set(r["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}
         assert r["codes"]["OK"] >= 1 and r["tok_s"] > 0 and r["ttft_p95_ms"] <= r["latency_p95_ms"]
     assert all(r["codes"] == {"OK": r["requests"]} for r in rows if r["concurrency"] == 1)
+    for r in rows[:4]:  # --ignore-eos: 4 tokens per answer; /metrics scraped during the level, every scrape answered
+        assert r["tok_s"] * r["wall_s"] == pytest.approx(4 * r["codes"]["OK"])
+        (scrapes,) = r["metrics"].values()
+        assert scrapes["scrapes"] >= 1 and scrapes["failed"] == 0
     assert (tmp_path / "load.png").stat().st_size > 0
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0 and percentile([1.0, 2.0], 95) == 2.0 and percentile([], 50) is None
     assert main(["load", "--target", llm.target, "--precomputed"]) == 2  # no --encoder: a clear error

@@ -57,13 +57,13 @@ class LUVCClient:
         method: str = "",
         max_new_tokens: int = 0,
         wire_dtype: str = "",
+        ignore_eos: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> Iterator[luvc_pb2.GenerateResponse]:
         """Stream GenerateResponse chunks; the last carries the stats. Raises grpc.RpcError."""
-        request = luvc_pb2.GenerateRequest(
-            prompt=prompt, media=list(media), visual=visual, method=method, max_new_tokens=max_new_tokens, wire_dtype=wire_dtype
-        )
+        request = luvc_pb2.GenerateRequest(prompt=prompt, media=list(media), visual=visual, method=method,
+                                           max_new_tokens=max_new_tokens, wire_dtype=wire_dtype, ignore_eos=ignore_eos)
         return self.llm.Generate(request, timeout=timeout, metadata=self._metadata(request_id, "llm"))
 
     def generate(self, prompt: str, media: list[luvc_pb2.Media] = (), **kwargs) -> luvc_pb2.GenerateStats:

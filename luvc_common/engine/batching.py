@@ -36,7 +36,7 @@ class Output:
     """What one engine step produced for one request."""
 
     token_ids: list[int]
-    """New tokens (EOS excluded)."""
+    """New tokens (EOS excluded unless the request ignores EOS)."""
     finished: str | None = None
     """None while running; "eos", "length" or "stopped" on its last output; "error" if the batch failed."""
     visual_per_layer: list[int] | None = None
@@ -58,6 +58,8 @@ class EngineRequest:
     """Called on the worker thread with each Output; must not block."""
     stopped: Callable[[], bool] = lambda: False
     """Polled between steps: true once the client cancelled or the deadline passed."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens, EOS included (benchmarks: every request the same length)."""
     generated: int = field(default=0, init=False)
 
 
@@ -207,7 +209,7 @@ class BatchingEngine(_QueueWorker):
             out, row.first, r = row.first or Output([]), None, row.request
             if r.stopped():
                 out.finished = "stopped"
-            elif token in self.eos:
+            elif token in self.eos and not r.ignore_eos:
                 out.finished = "eos"
             else:
                 out.token_ids = [token]

@@ -79,20 +79,22 @@ class EncodeResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., media: _Optional[_Iterable[_Union[MediaTokens, _Mapping]]] = ..., vit_patches: _Optional[int] = ..., encode_ms: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "media", "visual", "method", "max_new_tokens", "wire_dtype")
+    __slots__ = ("prompt", "media", "visual", "method", "max_new_tokens", "wire_dtype", "ignore_eos")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     VISUAL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     media: _containers.RepeatedCompositeFieldContainer[Media]
     visual: EncodeResponse
     method: str
     max_new_tokens: int
     wire_dtype: str
-    def __init__(self, prompt: _Optional[str] = ..., media: _Optional[_Iterable[_Union[Media, _Mapping]]] = ..., visual: _Optional[_Union[EncodeResponse, _Mapping]] = ..., method: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, prompt: _Optional[str] = ..., media: _Optional[_Iterable[_Union[Media, _Mapping]]] = ..., visual: _Optional[_Union[EncodeResponse, _Mapping]] = ..., method: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("request_id", "model", "method", "prompt_ids", "token_ids", "text", "vit_patches", "encoder_out", "llm_per_layer", "payload_bytes", "payload_bytes_uncompressed", "timings_ms")

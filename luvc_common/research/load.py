@@ -5,7 +5,9 @@ have been sent or `--max-seconds` have passed; every request is streamed, so tim
 the first chunk with tokens. Per level: requests/s and generated tokens/s over the level's wall time,
 p50/p95/p99 TTFT and latency of the answered requests, and every status code. `--precomputed` encodes
 the image once through the encoder and then sends its visual tokens with every request, so the LLM
-stage is measured without the encoder.
+stage is measured without the encoder. `--ignore-eos` makes every answer exactly --max-new-tokens long
+(methods then compare on equal work). `--metrics URL` scrapes a Prometheus endpoint twice a second
+during each level and reports how many scrapes answered, failed, and their p95 time.
 
     luvc load --target 127.0.0.1:50051 --concurrency 1,4,16 --requests 64 --json load.json --plot load.png
 """
@@ -77,6 +79,42 @@ def run_level(target: str, options, request: dict, concurrency: int, requests: i
     return outcomes
 
 
+class Scraper:
+    """Scrapes Prometheus endpoints every `period` s on a thread, from start() to stop()."""
+
+    def __init__(self, urls: list[str], period: float = 0.5):
+        self.urls, self.period, self._stop = urls, period, threading.Event()
+        self.times: dict[str, list[float]] = {u: [] for u in urls}
+        self.failed: Counter = Counter()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.is_set():
+            for url in self.urls:
+                t0 = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as reply:
+                        if b"# TYPE" not in reply.read():
+                            raise ValueError("not a metrics page")
+                    self.times[url].append((time.perf_counter() - t0) * 1e3)
+                except (OSError, ValueError):
+                    self.failed[url] += 1
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "Scraper":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict:
+        return {u: {"scrapes": len(t) + self.failed[u], "failed": self.failed[u], "p95_ms": percentile(t, 95)} for u, t in self.times.items()}
+
+
 def summarise(outcomes: list[dict], wall_s: float, method: str, concurrency: int) -> dict:
     ok = [o for o in outcomes if o["code"] == "OK"]
     ttft = [o["ttft_ms"] for o in ok if o["ttft_ms"] is not None]
@@ -91,14 +129,15 @@ def summarise(outcomes: list[dict], wall_s: float, method: str, concurrency: int
 
 def load(target: str, concurrency: list[int], requests: int, method: str = "luvc", image: Path = DEMO_IMAGE,
          prompt: str = "What color is the circle?", max_new_tokens: int = 16, encoder: str | None = None,
-         token: str | None = None, max_seconds: float = 300.0, timeout: float = 120.0, progress: bool = True) -> dict:
+         token: str | None = None, max_seconds: float = 300.0, timeout: float = 120.0, progress: bool = True,
+         ignore_eos: bool = False, metrics: list[str] = ()) -> dict:
     """Run every concurrency level; `encoder` set: precomputed visual tokens (encoded once, here)."""
     from tqdm import tqdm
 
     from luvc_common.client import ClientOptions, LUVCClient, image_file
 
     options = ClientOptions(token=token)
-    request = dict(prompt=prompt, method=method, max_new_tokens=max_new_tokens)
+    request = dict(prompt=prompt, method=method, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
     if encoder:
         with LUVCClient(encoder, options) as client:
             request["visual"] = client.encode([image_file(image)], method=method, timeout=timeout)
@@ -108,17 +147,26 @@ def load(target: str, concurrency: list[int], requests: int, method: str = "luvc
     with tqdm(total=requests * len(concurrency), desc=f"load {method}", unit="req", disable=not progress) as bar:
         for level in concurrency:
             t0 = time.perf_counter()
-            outcomes = run_level(target, options, request, level, requests, max_seconds, timeout, lambda: bar.update())
+            with Scraper(list(metrics)) as scraper:
+                outcomes = run_level(target, options, request, level, requests, max_seconds, timeout, lambda: bar.update())
             results.append(summarise(outcomes, time.perf_counter() - t0, method, level))
-    return {"target": target, "precomputed": bool(encoder), "image": str(image), "max_new_tokens": max_new_tokens, "results": results}
+            if metrics:
+                results[-1]["metrics"] = scraper.report()
+    return {"target": target, "precomputed": bool(encoder), "image": str(image), "max_new_tokens": max_new_tokens,
+            "ignore_eos": ignore_eos, "results": results}
 
 
 def format_table(report: dict) -> str:
     head = f"{'method':<10} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9} {'lat p95':>9}  codes"
     ms = lambda v: "-" if v is None else f"{v:.0f}ms"  # noqa: E731
     rows = [f"{r['method']:<10} {r['concurrency']:>4} {r['req_s']:>7.2f} {r['tok_s']:>8.1f} {ms(r['ttft_p50_ms']):>9} "
-            f"{ms(r['ttft_p95_ms']):>9} {ms(r['latency_p95_ms']):>9}  {r['codes']}" for r in report["results"]]
+            f"{ms(r['ttft_p95_ms']):>9} {ms(r['latency_p95_ms']):>9}  {r['codes']}" + _scrapes(r) for r in report["results"]]
     return "\n".join([head, *rows])
+
+
+def _scrapes(row: dict) -> str:
+    return "".join(f"  /metrics {m['scrapes'] - m['failed']}/{m['scrapes']} answered (p95 {m['p95_ms'] or 0:.0f}ms)"
+                   for m in row.get("metrics", {}).values())
 
 
 def plot(reports: list[dict], out: str | Path) -> None:
@@ -153,6 +201,9 @@ def add_load_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=DEMO_IMAGE)
     p.add_argument("--prompt", default="What color is the circle?")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
+    p.add_argument("--ignore-eos", action="store_true", help="every answer exactly --max-new-tokens long")
+    p.add_argument("--metrics", action="append", default=[], metavar="URL",
+                   help="a Prometheus endpoint to scrape during each level (repeat for several)")
     p.add_argument("--precomputed", action="store_true", help="encode the image once at --encoder, then send its visual tokens "
                    "with every request: the LLM stage alone")
     p.add_argument("--encoder", metavar="HOST:PORT", help="the encoder service (for --precomputed)")
@@ -170,7 +221,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise UserError("--precomputed needs --encoder HOST:PORT (where the image is encoded once)")
     encoder = args.encoder if args.precomputed else None
     reports = [load(args.target, args.concurrency, args.requests, method, args.image, args.prompt, args.max_new_tokens,
-                    encoder, args.token, args.max_seconds, args.timeout) for method in args.method or ["luvc"]]
+                    encoder, args.token, args.max_seconds, args.timeout, ignore_eos=args.ignore_eos, metrics=args.metrics)
+               for method in args.method or ["luvc"]]
     for report in reports:
         print(format_table(report))
     if args.json:
