@@ -72,6 +72,7 @@ def shape_checkpoint(shape: str, cache: Path) -> Path:
     from luvc_common.models.tiny import save_random_checkpoint
 
     sizes = SHAPES[shape]
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{shape}-"))
     save_random_checkpoint(tmp, sizes["family"], seed=0, max_pixels=1344 * 1344, init_range=0.02,
                            text_overrides=sizes["text"], vision_overrides=sizes["vision"])
