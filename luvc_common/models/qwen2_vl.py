@@ -34,11 +34,8 @@ class QwenVisionTower:
         self.depth = len(visual.blocks)
 
     def embed(self, pixel_values: Tensor, grid_thw: Tensor) -> TokenGrid:
-        """Patch embeddings of the image processor's flattened patches, on their (t, h, w) grids. The
-        patch embedding is a Conv3d whose stride is its kernel, i.e. one linear map per flattened patch:
-        run as that matmul, it is several times faster than the CPU's Conv3d, the same up to float rounding."""
-        proj = self.visual.patch_embed.proj
-        hidden = F.linear(pixel_values.to(proj.weight.device, proj.weight.dtype), proj.weight.flatten(1), proj.bias)
+        """Patch embeddings of the image processor's flattened patches, on their (t, h, w) grids."""
+        hidden = self.visual.patch_embed(pixel_values.to(self.visual.device))
         return TokenGrid(
             hidden=hidden,
             sizes=hidden.new_ones(len(hidden), dtype=torch.float32),
