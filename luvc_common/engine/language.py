@@ -86,7 +86,7 @@ class LanguageEngine:
                 f"(grids {visual.grids}), {present} of them present, and {len(visual.embeds)} "
                 "visual embeddings were supplied"
             )
-        runs = torch.diff(positions, prepend=positions[:1] - 2, append=positions[-1:] + 2).ne(1).nonzero().flatten().diff().tolist()
+        runs = torch.unique_consecutive(positions - torch.arange(len(positions)), return_counts=True)[1].tolist()  # contiguous runs
         expected = [n // r for n, kind, (t, _, _) in zip(counts, visual.kinds, visual.grids)
                     for r in [self.family.chat.runs(kind, t)] for _ in range(r)]
         if runs != expected:
