@@ -80,7 +80,7 @@ def run_level(target: str, options, request: dict, concurrency: int, requests: i
 
 
 class Scraper:
-    """Scrapes Prometheus endpoints every `period` s on a thread, from start() to stop()."""
+    """Within its `with` block, scrapes Prometheus endpoints every `period` s on a thread (none without URLs)."""
 
     def __init__(self, urls: list[str], period: float = 0.5):
         self.urls, self.period, self._stop = urls, period, threading.Event()
@@ -103,13 +103,15 @@ class Scraper:
             self._stop.wait(self.period)
 
     def __enter__(self) -> "Scraper":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True) if self.urls else None
+        if self._thread:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread:
+            self._thread.join()
 
     def report(self) -> dict:
         return {u: {"scrapes": len(t) + self.failed[u], "failed": self.failed[u], "p95_ms": percentile(t, 95)} for u, t in self.times.items()}

@@ -25,8 +25,7 @@ class Metrics:
     def __init__(self, service: str, on_ray: bool = False):
         self.service = service
         self.registry = r = None if on_ray else CollectorRegistry()
-        make = _RayMetric.factory(self) if on_ray else lambda cls, *a, **k: cls(*a, registry=r, **k)
-        self._readers: list[tuple[Callable[[], float], Callable[[float], None]]] = []
+        make = _RayInstruments(service).make if on_ray else lambda cls, *a, **k: cls(*a, registry=r, **k)
         self.requests = make(Counter, "luvc_requests", "RPCs finished, by method and status code", ["service", "method", "code"])
         self.latency = make(Histogram, "luvc_request_seconds", "RPC latency from arrival to the last reply", ["service", "method"],
                             buckets=LATENCY_BUCKETS)
@@ -53,32 +52,40 @@ class Metrics:
         self.requests.labels(self.service, method, code).inc()
         self.latency.labels(self.service, method).observe(seconds)
 
-    def _poll(self, read: Callable[[], float], write: Callable[[float], None]) -> None:
-        """Push read() into a Ray gauge every RAY_GAUGE_PERIOD_S, from one daemon thread per Metrics."""
-        self._readers.append((read, write))
-        if len(self._readers) == 1:
-            threading.Thread(target=self._push_gauges, name=f"{self.service}-metrics", daemon=True).start()
 
-    def _push_gauges(self) -> None:
-        while True:
-            for read, write in list(self._readers):
-                write(read())
-            time.sleep(RAY_GAUGE_PERIOD_S)
+class _RayInstruments:
+    """Makes `ray.util.metrics` instruments with prometheus_client's `labels(*values)` interface; gauges
+    set by a function are read and pushed every RAY_GAUGE_PERIOD_S by one daemon thread."""
 
+    def __init__(self, service: str):
+        self.service = service
+        self.readers: list[tuple[Callable[[], float], Callable[[float], None]]] = []
 
-class _RayMetric:
-    """A `ray.util.metrics` instrument with prometheus_client's `labels(*values)` interface."""
-
-    def __init__(self, metrics: Metrics, kind: type, name: str, doc: str, labels: list[str], buckets=None):
+    def make(self, kind: type, name: str, doc: str, labels: list[str], buckets=None) -> "_RayMetric":
         from ray.util import metrics as ray_metrics
 
         cls = {Counter: ray_metrics.Counter, Gauge: ray_metrics.Gauge, Histogram: ray_metrics.Histogram}[kind]
         extra = {"boundaries": list(buckets)} if buckets else {}
-        self.instrument, self.keys, self.metrics = cls(name, description=doc, tag_keys=tuple(labels), **extra), labels, metrics
+        return _RayMetric(self, cls(name, description=doc, tag_keys=tuple(labels), **extra), labels)
 
-    @classmethod
-    def factory(cls, metrics: Metrics):
-        return lambda kind, name, doc, labels, buckets=None: cls(metrics, kind, name, doc, labels, buckets)
+    def poll(self, read: Callable[[], float], write: Callable[[float], None]) -> None:
+        self.readers.append((read, write))
+        if len(self.readers) == 1:
+            threading.Thread(target=self._push, name=f"{self.service}-metrics", daemon=True).start()
+
+    def _push(self) -> None:
+        while True:
+            for read, write in list(self.readers):
+                try:
+                    write(read())
+                except Exception:  # noqa: BLE001 - one failing reader must not stop the other gauges
+                    pass
+            time.sleep(RAY_GAUGE_PERIOD_S)
+
+
+class _RayMetric:
+    def __init__(self, instruments: _RayInstruments, instrument, keys: list[str]):
+        self.instruments, self.instrument, self.keys = instruments, instrument, keys
 
     def labels(self, *values: str) -> "_RaySeries":
         return _RaySeries(self, dict(zip(self.keys, values)))
@@ -99,4 +106,4 @@ class _RaySeries:
         self.metric.instrument.set(value, tags=self.tags)
 
     def set_function(self, read: Callable[[], float]) -> None:
-        self.metric.metrics._poll(read, self.set)
+        self.metric.instruments.poll(read, self.set)
