@@ -13,10 +13,11 @@ from luvc_common.errors import ConfigError
 from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
-from luvc_common.research.train import (FAMILY, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer, encode_example, evaluate,
-                               image_processor, load_checkpoint, make_batch, recipe_at, score, token_labels, train)
-from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, Bar, Look, Scene, Shape, answer_for, jitter_scene, make_example, question_text,
-                                  random_look, render, scene_questions)
+from luvc_common.research.train import (FAMILY, AttentionPointer, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer,
+                                        covered_tokens, encode_example, evaluate, image_processor, load_checkpoint, make_batch, recipe_at,
+                                        score, token_cells, token_labels, train)
+from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
+                                           make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
@@ -105,7 +106,8 @@ def test_bad_recipe_flags_are_rejected(flags, capsys):
     assert f"argument {flags[0]}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("aux", [(), ("--aux-weight", "0.5", "--augment")], ids=["plain", "aux"])
+@pytest.mark.parametrize("aux", [(), ("--aux-weight", "0.5", "--augment"), ("--pointer-weight", "1", "--pointer-layers", "0,1")],
+                         ids=["plain", "aux", "pointer"])
 def test_resume_continues_exactly(tmp_path, aux):
     """4 steps in one go == 2 steps, then 2 more resumed (a constant LR after warm-up, so --steps can grow)."""
     const = ("--min-lr-frac", "1", *aux)
@@ -114,7 +116,7 @@ def test_resume_continues_exactly(tmp_path, aux):
     saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     args = args_for("--steps", "4", *const)
     model = build_model(args, build_tokenizer(FAMILY.chat))
-    probe = [VisionProbe(model)] if aux else []
+    probe = [VisionProbe(model)] if "--aux-weight" in aux else []
     opt = build_optimizer(model, args, *probe)
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), *probe) == 2
     for k, s in opt.state_dict()["state"].items():
@@ -150,6 +152,70 @@ def test_token_labels_line_up_with_the_merged_token_grid():
     _, _, char, tallest, _ = (token_labels(chart, Look(), torch.tensor([[1, 16, 16]]))[:, i].reshape(8, 8) for i in range(5))
     assert tallest[1:7, 4:8].all() and not tallest[:, :4].any()  # bar B (x 120-200, y 30-180) and its label below
     assert char[6, 5] == 10 + 2  # the letter B, after the ten digits, in its cell
+
+
+def test_evidence_is_where_each_answer_is_drawn():
+    """The pointer targets: the referred objects' tokens, each digit's token in reading order, nothing for a count of 0."""
+    scene = Scene(336, 224, (240, 240, 240), objects=(Shape("square", "blue", 80, 67, 20), Shape("circle", "red", 250, 170, 15),
+                                                     Shape("circle", "blue", 250, 50, 15)))
+    grid = torch.tensor([[1, 10, 16]])  # 8 x 5 merged tokens of 28 px once resized to 224 x 140
+    cell, n, min_pixels = token_cells(scene, grid)
+    def tokens(spec: QuestionSpec) -> list[list[tuple[int, int]]]:
+        return [[divmod(int(t), 8) for t in covered_tokens(m, cell, n, min_pixels)] for m in evidence(scene, spec)]
+    assert tokens(QuestionSpec("shape", color="red")) == [[(3, 5), (3, 6), (4, 5), (4, 6)]]
+    assert tokens(QuestionSpec("color", shape="square")) == [[(1, 1), (1, 2)]]
+    blue_circle, red_circle = tokens(QuestionSpec("position", "blue", "circle"))[0], tokens(QuestionSpec("position", "red", "circle"))[0]
+    assert tokens(QuestionSpec("count", shape="circle")) == [sorted(blue_circle + red_circle)]
+    assert tokens(QuestionSpec("count", "green", "circle")) == []
+    text = Scene(448, 224, (240, 240, 240), text="4071", text_xy=(20, 100), font_size=60)
+    digits = evidence(text, QuestionSpec("read"))
+    assert len(digits) == 4 and all(m.any() for m in digits)
+    left_edges = [np.flatnonzero(m.any(0))[0] for m in digits]
+    assert left_edges == sorted(left_edges) and len(set(left_edges)) == 4
+    ink = np.asarray(render(text).convert("L")) < 128
+    assert not (np.logical_or.reduce(digits) & ~ink).sum() > 0.1 * ink.sum()  # the masks are the drawn digits
+
+
+def test_pointer_targets_follow_the_answer_tokens():
+    """Each query is the position that predicts an answer token; its keys are image tokens of the prompt."""
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(224 * 224)
+    image = tokenizer.convert_tokens_to_ids(FAMILY.chat.image)
+    for index in range(6):
+        item = encode_example(1000, index, tokenizer, processor, Recipe(questions=3, pointer=True))
+        ids, labels = item["ids"], item["labels"]
+        assert item["pointers"] or item["task"] == "count"
+        for query, keys in item["pointers"]:
+            assert labels[query] == -100 or labels[query + 1] != -100  # a prompt token or an answer token...
+            assert labels[query + 1] not in (-100, tokenizer.convert_tokens_to_ids(FAMILY.chat.turn_end))  # ...predicting an answer
+            assert keys.size and all(ids[k] == image for k in keys)
+        if item["task"] == "read":
+            digits = [q for q, _ in item["pointers"]]
+            assert digits == list(range(digits[0], digits[0] + len(digits)))
+
+
+def test_the_pointer_loss_teaches_the_head_and_leaves_the_export_stock(tmp_path):
+    args, tokenizer = args_for("--pointer-weight", "1", "--pointer-layers", "1"), build_tokenizer(FAMILY.chat)
+    model = build_model(args, tokenizer)
+    pointer = AttentionPointer(model, args.pointer_layers)
+    batch, _ = make_batch(args.seed, range(6), tokenizer, image_processor(args.max_pixels), Recipe(pointer=True))
+    targets = [batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        model(**batch)
+        loss = pointer.loss(*targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], [round(v, 2) for v in losses]
+    with pytest.raises(ConfigError, match="the LLM has 2 layers"):
+        AttentionPointer(model, (2,))
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "2", "--pointer-weight", "1", "--pointer-layers", "1", "--export", str(out)))
+    assert "pointer_loss" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert "eager" not in (out / "config.json").read_text()
+    assert Qwen2VLForConditionalGeneration.from_pretrained(out).config.text_config._attn_implementation != "eager"
 
 
 def test_the_vision_probe_trains_but_is_not_exported(tmp_path):

@@ -294,8 +294,8 @@ def render(scene: Scene, look: Look = Look()) -> Image.Image:
     if scene.text:
         draw.text(_text_xy(scene, font), scene.text, fill=(0, 0, 0), font=font)
     for b in scene.bars:
-        draw.rectangle((b.x0, scene.baseline - b.height, b.x1, scene.baseline), fill=look.palette[b.color])
-        draw.text(((b.x0 + b.x1) // 2, scene.baseline + 4), b.label, fill=(0, 0, 0), font=font, anchor="mt")
+        draw.rectangle(_bar_box(scene, b), fill=look.palette[b.color])
+        _draw_label(draw, scene, font, b, (0, 0, 0))
     if scene.bars:
         x0, x1 = scene.bars[0].x0 - 4, scene.bars[-1].x1 + 4
         draw.line((x0, scene.baseline, x1, scene.baseline), fill=(60, 60, 60), width=2)
@@ -318,19 +318,50 @@ def label_maps(scene: Scene, look: Look = Look()) -> dict[str, np.ndarray]:
         _draw_shape(draw["color"], o, 1 + colors.index(o.color))
         _draw_shape(draw["shape"], o, 1 + SHAPES.index(o.shape))
     font = _font(scene.font_size, look.font) if scene.font_size else None
-    if scene.text:
-        x, y = _text_xy(scene, font)
-        for i, ch in enumerate(scene.text):
-            draw["char"].text((x + font.getlength(scene.text[:i]), y), ch, fill=1 + CHARS.index(ch), font=font)
+    for i, ch in enumerate(scene.text):
+        _draw_char(draw["char"], scene, font, i, 1 + CHARS.index(ch))
     tallest = max(scene.bars, key=lambda b: b.height) if scene.bars else None
     for b in scene.bars:
-        box, label_xy = (b.x0, scene.baseline - b.height, b.x1, scene.baseline), ((b.x0 + b.x1) // 2, scene.baseline + 4)
-        draw["color"].rectangle(box, fill=1 + colors.index(b.color))
-        draw["char"].text(label_xy, b.label, fill=1 + CHARS.index(b.label), font=font, anchor="mt")
+        draw["color"].rectangle(_bar_box(scene, b), fill=1 + colors.index(b.color))
+        _draw_label(draw["char"], scene, font, b, 1 + CHARS.index(b.label))
         if b is tallest:
-            draw["tallest"].rectangle(box, fill=1)
-            draw["tallest"].text(label_xy, b.label, fill=1, font=font, anchor="mt")
+            draw["tallest"].rectangle(_bar_box(scene, b), fill=1)
+            _draw_label(draw["tallest"], scene, font, b, 1)
     return {name: np.asarray(m) for name, m in maps.items()}
+
+
+def _bar_box(scene: Scene, b: Bar) -> tuple[int, int, int, int]:
+    return b.x0, scene.baseline - b.height, b.x1, scene.baseline
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, scene: Scene, font, b: Bar, fill) -> None:
+    draw.text(((b.x0 + b.x1) // 2, scene.baseline + 4), b.label, fill=fill, font=font, anchor="mt")
+
+
+def _draw_char(draw: ImageDraw.ImageDraw, scene: Scene, font, i: int, fill) -> None:
+    """Character i of the scene's text, where render draws it."""
+    x, y = _text_xy(scene, font)
+    draw.text((x + font.getlength(scene.text[:i]), y), scene.text[i], fill=fill, font=font)
+
+
+def evidence(scene: Scene, spec: QuestionSpec, look: Look = Look()) -> list[np.ndarray]:
+    """Where the answer to `spec` is drawn, as H x W bool masks: one per digit for "read" (in reading order), else
+    one for the whole answer (the referred objects, or the tallest bar and its label); [] for a count of 0."""
+    font = _font(scene.font_size, look.font) if scene.font_size else None
+    def mask(paint: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+        m = Image.new("1", (scene.width, scene.height), 0)
+        paint(ImageDraw.Draw(m))
+        return np.asarray(m)
+    if spec.task == "read":
+        return [mask(lambda d, i=i: _draw_char(d, scene, font, i, 1)) for i in range(len(scene.text))]
+    if spec.task == "chart":
+        tallest = max(scene.bars, key=lambda b: b.height)
+        def bar_and_label(d: ImageDraw.ImageDraw) -> None:
+            d.rectangle(_bar_box(scene, tallest), fill=1)
+            _draw_label(d, scene, font, tallest, 1)
+        return [mask(bar_and_label)]
+    matches = [o for o in scene.objects if spec.color in (None, o.color) and spec.shape in (None, o.shape)]
+    return [mask(lambda d: [_draw_shape(d, o, 1) for o in matches])] if matches else []
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False) -> Path:

@@ -36,8 +36,9 @@ from luvc_common.models.family import get_family
 from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
-from luvc_common.research.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, jitter_scene,
-                                  label_maps, make_example, question_text, random_look, render, scene_questions)
+from luvc_common.research.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, evidence,
+                                           jitter_scene, label_maps, make_example, question_text, random_look, render,
+                                           scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
 FAMILY = get_family("qwen2_vl")
@@ -50,6 +51,13 @@ def _tasks(value: str) -> tuple[str, ...]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; expected some of {list(TASKS)}")
     return tasks
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {value!r}") from None
 
 
 def _section(value: str) -> tuple[int, int, int]:
@@ -88,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="rotary frequencies of the temporal, height and width axes (sum: head_dim / 2)")
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the dense per-visual-token loss (training only; the head is not exported; 0: off)")
+    p.add_argument("--pointer-weight", type=float, default=0.0,
+                   help="weight of the attention-pointer loss (training only: head 0 of --pointer-layers is taught to look "
+                        "where each answer is drawn; 0: off)")
+    p.add_argument("--pointer-layers", type=_layers, default=(1, 2), metavar="L,L", help="LLM layers whose head 0 the pointer loss teaches")
     p.add_argument("--augment", action="store_true", help="vary colours, background, object and text sizes and font (training only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
     p.add_argument("--init", default=None, help="warm start: model weights from another run's ckpt.pt (fresh optimizer and schedule)")
@@ -135,6 +147,27 @@ class VisionProbe(torch.nn.Module):
         return torch.stack([F.cross_entropy(lg, labels[:, i].to(lg.device)) for i, lg in enumerate(logits)]).mean()
 
 
+class AttentionPointer:
+    """Training-only loss that teaches head 0 of some LLM layers where to look: at each position that predicts an
+    answer token, minus the log of the head's attention mass on the visual tokens where that answer is drawn
+    (synthvqa.evidence: the referred objects, the digit being read, the tallest bar). It switches the LLM to eager
+    attention, the kind that returns attention weights; nothing is added to the model, so the export is unchanged."""
+
+    def __init__(self, model, layers: tuple[int, ...]):
+        model.config.text_config._attn_implementation = "eager"
+        decoder = FAMILY.language(model).layers
+        if not all(-len(decoder) <= i < len(decoder) for i in layers):
+            raise ConfigError(f"--pointer-layers {layers}: the LLM has {len(decoder)} layers")
+        self.weights: dict[int, Tensor] = {}
+        for i in layers:
+            decoder[i].self_attn.register_forward_hook(lambda module, inputs, output, i=i: self.weights.__setitem__(i, output[1]))
+
+    def loss(self, rows: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
+        """rows, queries (P,): batch row and position of each supervised query; keys (P, L): its evidence tokens."""
+        mass = [(w[rows.to(w.device), 0, queries.to(w.device)] * keys.to(w.device)).sum(-1) for w in self.weights.values()]
+        return -torch.stack(mass).clamp_min(1e-6).log().mean()
+
+
 def build_optimizer(model, args: argparse.Namespace, *extra: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW over the model's (and extra modules') parameters; no weight decay on biases and norms."""
     params = [p for m in (model, *extra) for p in m.parameters()]
@@ -175,35 +208,48 @@ class Recipe:
     """Draw each scene in a random look (synthvqa.random_look, jitter_scene); the answers do not change."""
     dense: bool = False
     """Also return token_labels, the targets of the VisionProbe."""
+    pointer: bool = False
+    """Also return the AttentionPointer's targets: per answer token, the visual tokens where it is drawn."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     """The recipe of training step `step`: --curriculum ramps max_distractors from 0 to --max-distractors."""
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
-    return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0)
+    return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0)
 
 
 MIN_COVER = 0.02
 """Fraction of a token's cell a class must cover to label the token (thin digit strokes cover little)."""
 
 
+def token_cells(scene: Scene, grid: Tensor, merge: int = 2) -> tuple[np.ndarray, int, float]:
+    """Per pixel of the scene, the merged visual token whose cell holds it once resized to the grid (row-major);
+    the number of tokens; MIN_COVER of a cell in scene pixels."""
+    rows, cols = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
+    h, w = scene.height, scene.width
+    ys, xs = (((np.arange(n) + 0.5) * cells / n).astype(int) for n, cells in ((h, rows), (w, cols)))
+    return ys[:, None] * cols + xs[None, :], rows * cols, MIN_COVER * h * w / (rows * cols)
+
+
+def covered_tokens(mask: np.ndarray, cell: np.ndarray, n: int, min_pixels: float) -> np.ndarray:
+    """The tokens whose cell `mask` covers by MIN_COVER (or, for a tiny mask, the token it covers most)."""
+    counts = np.bincount(cell[mask], minlength=n)
+    return np.flatnonzero(counts >= max(1, min(min_pixels, counts.max())))
+
+
 def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: int = 14) -> Tensor:
     """Targets per merged visual token, in the merger's row-major order: for each of synthvqa.LABEL_MAPS the class
     covering most of the token's (merge * patch)-pixel cell of the resized image (0 when none covers MIN_COVER
     of it), then 1 when an object's centre lies in the cell."""
-    rows, cols = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
-    h, w = scene.height, scene.width
-    ys, xs = (((np.arange(n) + 0.5) * cells / n).astype(int) for n, cells in ((h, rows), (w, cols)))
-    cell = ys[:, None] * cols + xs[None, :]
-    min_pixels = MIN_COVER * h * w / (rows * cols)
+    cell, n, min_pixels = token_cells(scene, grid, merge)
     out = []
     for name, m in label_maps(scene, look).items():
         k = LABEL_MAPS[name]
-        counts = np.bincount((cell * k + m).ravel(), minlength=rows * cols * k).reshape(rows * cols, k)
+        counts = np.bincount((cell * k + m).ravel(), minlength=n * k).reshape(n, k)
         counts[:, 0] = 0
         out.append(np.where(counts.max(1) >= min_pixels, counts.argmax(1), 0))
-    centre = np.zeros(rows * cols, dtype=np.int64)
+    centre = np.zeros(n, dtype=np.int64)
     centre[[cell[o.cy, o.cx] for o in scene.objects]] = 1
     return torch.from_numpy(np.stack([*out, centre], 1))
 
@@ -224,18 +270,30 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     prompt = build_prompt_ids(tokenizer, FAMILY.chat, ex.question, ["image"], [n_tokens], 1 << 20)
     im_end = tokenizer.convert_tokens_to_ids(FAMILY.chat.turn_end)
     ids, labels = [], []
-    turns = [(prompt, ex.answer)]
+    turns = [(prompt, ex.spec)]
     rng = np.random.Generator(np.random.PCG64([seed, index, 1]))
     for spec in extra_questions(ex, recipe.questions - 1, rng):
         turn = tokenizer("\n" + chat_turn(FAMILY.chat, question_text(spec)), add_special_tokens=False)["input_ids"]
-        turns.append((turn, answer_for(ex.scene, spec)))
-    for prompt_ids, answer in turns:
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [im_end]
+        turns.append((turn, spec))
+    pointers = []
+    cell, n_cells, min_pixels = token_cells(scene, grid, processor.merge_size)
+    first_image = prompt.index(tokenizer.convert_tokens_to_ids(FAMILY.chat.image))
+    for prompt_ids, spec in turns:
+        answer_ids = tokenizer(answer_for(ex.scene, spec), add_special_tokens=False)["input_ids"]
+        if recipe.pointer:
+            masks = evidence(scene, spec, look)
+            for j in range(len(answer_ids) if masks else 0):  # the query before answer token j looks at its evidence
+                tokens = covered_tokens(masks[j] if spec.task == "read" else masks[0], cell, n_cells, min_pixels)
+                if tokens.size:
+                    pointers.append((len(ids) + len(prompt_ids) - 1 + j, first_image + tokens))
+        answer_ids.append(im_end)
         ids += prompt_ids + answer_ids
         labels += [-100] * len(prompt_ids) + answer_ids
     item = dict(ids=ids, labels=labels, pixels=pixels, grid=grid, task=ex.task)
     if recipe.dense:
         item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size)
+    if recipe.pointer:
+        item["pointers"] = pointers
     return item
 
 
@@ -252,6 +310,13 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
                  pixel_values=torch.cat([it["pixels"] for it in items]), image_grid_thw=torch.cat([it["grid"] for it in items]))
     if "aux_labels" in items[0]:
         batch["aux_labels"] = torch.cat([it["aux_labels"] for it in items])
+    if "pointers" in items[0]:
+        pointers = [(i, query, keys) for i, it in enumerate(items) for query, keys in it["pointers"]]
+        batch["pointer_rows"] = torch.tensor([i for i, _, _ in pointers], dtype=torch.long)
+        batch["pointer_queries"] = torch.tensor([q for _, q, _ in pointers], dtype=torch.long)
+        batch["pointer_keys"] = torch.zeros((len(pointers), width))
+        for row, (_, _, keys) in enumerate(pointers):
+            batch["pointer_keys"][row, torch.from_numpy(keys)] = 1.0
     return batch
 
 
@@ -374,6 +439,7 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
     model = build_model(args, tokenizer).to(device)
     probe = VisionProbe(model).to(device) if args.aux_weight else None
+    pointer = AttentionPointer(model, args.pointer_layers) if args.pointer_weight else None
     optimizer = build_optimizer(model, args, *([probe] if probe else []))
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
@@ -399,10 +465,14 @@ def train(args: argparse.Namespace) -> dict:
             batch = next(batches)
             t_model = time.time()
             aux_labels = batch.pop("aux_labels", None)
+            pointer_targets = [batch.pop(k, None) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
             answer_loss = loss = forward(model, batch, device).loss
             if probe:
                 aux_loss = probe.loss(aux_labels)
-                loss = answer_loss + args.aux_weight * aux_loss
+                loss = loss + args.aux_weight * aux_loss
+            if pointer:
+                pointer_loss = pointer.loss(*pointer_targets)
+                loss = loss + args.pointer_weight * pointer_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -418,6 +488,8 @@ def train(args: argparse.Namespace) -> dict:
                 tqdm.write(f"step {step} val {record['val']}")
             if probe:
                 record["aux_loss"] = round(aux_loss.item(), 4)
+            if pointer:
+                record["pointer_loss"] = round(pointer_loss.item(), 4)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
