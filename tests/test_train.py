@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import Qwen2VLForConditionalGeneration
 
@@ -15,8 +16,8 @@ from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
 from luvc_common.research.train import (FAMILY, AttentionPointer, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer,
                                         covered_tokens, encode_example, evaluate, image_processor, load_checkpoint, make_batch, recipe_at,
-                                        score, token_cells, token_labels, train)
-from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
+                                        grid_thirds, score, token_cells, token_labels, train)
+from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
@@ -216,6 +217,37 @@ def test_the_pointer_loss_teaches_the_head_and_leaves_the_export_stock(tmp_path)
     assert "pointer_loss" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert "eager" not in (out / "config.json").read_text()
     assert Qwen2VLForConditionalGeneration.from_pretrained(out).config.text_config._attn_implementation != "eager"
+
+
+def test_grid_thirds_are_the_position_answers_of_each_token():
+    thirds = grid_thirds(torch.tensor([[1, 6, 12], [2, 4, 4]]))  # 3 x 6 tokens, then 2 frames of 2 x 2
+    assert thirds[:18].reshape(3, 6).tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6, 7, 7, 8, 8]]
+    assert thirds[18:].tolist() == [0, 2, 6, 8] * 2
+    names = [p for row in POSITIONS for p in row]
+    scene = Scene(336, 168, (240, 240, 240), objects=(Shape("circle", "red", 300, 20, 10),))  # 12 x 6 tokens
+    assert names[int(grid_thirds(torch.tensor([[1, 12, 24]]))[11])] == answer_for(scene, QuestionSpec("position", "red", "circle"))
+
+
+def test_the_balanced_probe_weighs_objects_like_the_background():
+    model = build_model(args_for(), build_tokenizer(FAMILY.chat))
+    plain, balanced = VisionProbe(model), VisionProbe(model, balanced=True)
+    balanced.load_state_dict(plain.state_dict())
+    tokens, labels = torch.randn(10, 256), torch.zeros(10, 5, dtype=torch.long)
+    labels[:2, 0] = 3  # two object tokens among ten
+    plain.tokens = balanced.tokens = tokens
+    colour = F.cross_entropy(plain.head(tokens)[:, :7], labels[:, 0], reduction="none")
+    rest = [F.cross_entropy(lg, labels[:, i + 1]) for i, lg in enumerate(plain.head(tokens).split(plain.sizes, -1)[1:])]
+    assert plain.loss(labels).item() == pytest.approx(torch.stack([colour.mean(), *rest]).mean().item(), rel=1e-5)
+    even = (colour[:2].mean() + colour[2:].mean()) / 2
+    assert balanced.loss(labels).item() == pytest.approx(torch.stack([even, *rest]).mean().item(), rel=1e-5)
+
+
+def test_the_cell_probe_trains_from_an_llm_layer_and_is_not_exported(tmp_path):
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "2", "--aux-weight", "1", "--cell-layer", "0", "--export", str(out)))
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["probe"]["cell_head.weight"].shape == (9, 256)
+    _, info = Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
 
 
 def test_the_vision_probe_trains_but_is_not_exported(tmp_path):

@@ -100,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="weight of the attention-pointer loss (training only: head 0 of --pointer-layers is taught to look "
                         "where each answer is drawn; 0: off)")
     p.add_argument("--pointer-layers", type=_layers, default=(1, 2), metavar="L,L", help="LLM layers whose head 0 the pointer loss teaches")
+    p.add_argument("--aux-balanced", action="store_true",
+                   help="weigh each dense label kind's background and labelled tokens equally (objects are few tokens)")
+    p.add_argument("--cell-layer", type=int, default=None,
+                   help="also teach which third of the image each visual token is in, from the output of this LLM layer "
+                        "(training only, like --aux-weight, whose weight it shares)")
     p.add_argument("--augment", action="store_true", help="vary colours, background, object and text sizes and font (training only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
     p.add_argument("--init", default=None, help="warm start: model weights from another run's ckpt.pt (fresh optimizer and schedule)")
@@ -128,23 +133,59 @@ def build_model(args: argparse.Namespace, tokenizer):
 
 
 class VisionProbe(torch.nn.Module):
-    """Training-only linear head on the visual tokens that enter the LLM (the patch merger's output, caught by a
-    forward hook): per token, the classes of token_labels. Not part of the model, so never exported."""
+    """Training-only linear heads on the visual tokens (caught by forward hooks): per token entering the LLM (the patch
+    merger's output), the classes of token_labels; with cell_layer, per visual token leaving that LLM layer, which
+    third of the image (3 x 3 cells) it lies in. Not part of the model, so never exported.
 
-    def __init__(self, model):
+    balanced: each label kind's loss is the mean of its loss on unlabelled (class 0) tokens and on labelled ones, so
+    that the background, most of every image, does not drown out what the objects are."""
+
+    def __init__(self, model, balanced: bool = False, cell_layer: int | None = None):
         super().__init__()
-        self.sizes = [*LABEL_MAPS.values(), 2]
-        self.head = torch.nn.Linear(model.config.text_config.hidden_size, sum(self.sizes))
+        self.sizes, self.balanced = [*LABEL_MAPS.values(), 2], balanced
+        hidden = model.config.text_config.hidden_size
+        self.head = torch.nn.Linear(hidden, sum(self.sizes))
         self.tokens: Tensor | None = None
         FAMILY.projector(FAMILY.vision(model)).register_forward_hook(self._keep)
+        self.cell_head = None
+        if cell_layer is not None:
+            self.cell_head, self.hidden = torch.nn.Linear(hidden, 9), None
+            FAMILY.language(model).layers[cell_layer].register_forward_hook(self._keep_hidden)
 
     def _keep(self, module, inputs, output: Tensor) -> None:
         self.tokens = output
 
-    def loss(self, labels: Tensor) -> Tensor:
-        """Mean cross-entropy over the label kinds, for the tokens of the last forward."""
+    def _keep_hidden(self, module, inputs, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if not self.balanced:
+            return F.cross_entropy(logits, labels)
+        token_loss = F.cross_entropy(logits, labels, reduction="none")
+        parts = [token_loss[m].mean() for m in (labels == 0, labels != 0) if m.any()]
+        return torch.stack(parts).mean()
+
+    def loss(self, labels: Tensor, image_tokens: Tensor | None = None, grid: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy over the label kinds, for the tokens of the last forward; the cell head needs where
+        the image tokens are in the batch (bool, batch x length) and the images' grids."""
         logits = self.head(self.tokens.float()).split(self.sizes, dim=-1)
-        return torch.stack([F.cross_entropy(lg, labels[:, i].to(lg.device)) for i, lg in enumerate(logits)]).mean()
+        losses = [self._cross_entropy(lg, labels[:, i].to(lg.device)) for i, lg in enumerate(logits)]
+        if self.cell_head is not None:
+            visual = self.hidden[image_tokens.to(self.hidden.device)].float()
+            losses.append(F.cross_entropy(self.cell_head(visual), grid_thirds(grid).to(visual.device)))
+        return torch.stack(losses).mean()
+
+
+def grid_thirds(grid: Tensor, merge: int = 2) -> Tensor:
+    """Per merged visual token of each image (row-major, images in order), the 3 x 3 cell of the image its centre
+    lies in (row * 3 + column): the answer of synthvqa's position task for an object there."""
+    out = []
+    for t, h, w in grid.tolist():
+        rows, cols = h // merge, w // merge
+        r = (3 * (2 * torch.arange(rows) + 1)) // (2 * rows)
+        c = (3 * (2 * torch.arange(cols) + 1)) // (2 * cols)
+        out.append((3 * r[:, None] + c[None, :]).flatten().repeat(t))
+    return torch.cat(out)
 
 
 class AttentionPointer:
@@ -437,8 +478,9 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
+    image_token_id = tokenizer.convert_tokens_to_ids(FAMILY.chat.image)
     model = build_model(args, tokenizer).to(device)
-    probe = VisionProbe(model).to(device) if args.aux_weight else None
+    probe = VisionProbe(model, args.aux_balanced, args.cell_layer).to(device) if args.aux_weight else None
     pointer = AttentionPointer(model, args.pointer_layers) if args.pointer_weight else None
     optimizer = build_optimizer(model, args, *([probe] if probe else []))
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
@@ -468,7 +510,7 @@ def train(args: argparse.Namespace) -> dict:
             pointer_targets = [batch.pop(k, None) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
             answer_loss = loss = forward(model, batch, device).loss
             if probe:
-                aux_loss = probe.loss(aux_labels)
+                aux_loss = probe.loss(aux_labels, batch["input_ids"] == image_token_id, batch["image_grid_thw"])
                 loss = loss + args.aux_weight * aux_loss
             if pointer:
                 pointer_loss = pointer.loss(*pointer_targets)
