@@ -271,12 +271,14 @@ def test_sigterm_drains_in_flight_requests(tiny_qwen2vl, tmp_path):
     llm = Service(["llm", "--model", tiny_qwen2vl, "--encoder", encoder.target], tmp_path / "l.log").start()
     try:
         with LUVCClient(llm.target) as c, ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(c.generate, PROMPT, [image_file(DEMO)], max_new_tokens=16, timeout=60) for _ in range(4)]
+            # ignore_eos: the random default model may stop at once, and nothing would be in flight to drain
+            futures = [pool.submit(c.generate, PROMPT, [image_file(DEMO)], max_new_tokens=64, ignore_eos=True, timeout=60)
+                       for _ in range(4)]
             time.sleep(0.3)
             assert not all(f.done() for f in futures), "requests finished before SIGTERM; nothing was in flight"
             llm.proc.send_signal(signal.SIGTERM)
             results = [f.result() for f in futures]  # every accepted request completes
-        assert all(r.encoder_out > 0 for r in results)
+        assert all(r.encoder_out > 0 and len(r.token_ids) == 64 for r in results)  # drained to the end, not cut
         assert llm.proc.wait(30) == 0
         assert health(llm.target) == "UNAVAILABLE"
     finally:
