@@ -39,10 +39,7 @@ def main() -> None:
         rows, queries, keys = (batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_keys"))
         with torch.no_grad():
             hits, losses = T.score(model, batch)
-            colour, shape = probe.head(probe.tokens.float()).split(probe.sizes, dim=-1)[:2]
-            on_object = labels[:, 1] > 0
-            read = {name: (lg.argmax(-1) == labels[:, i])[on_object].float().mean().item() for i, (name, lg) in
-                    enumerate((("colour", colour), ("shape", shape)))}
+            read = probe.object_accuracy(labels)
             if probe.cell_head is not None:
                 cells = probe.cell_head(probe.hidden[batch["input_ids"] == image_id].float()).argmax(-1)
                 read["cell"] = (cells == T.grid_thirds(batch["image_grid_thw"])).float().mean().item()

@@ -35,19 +35,18 @@ def main() -> None:
     held_out = [batch(VALIDATION_SEED, range(i, i + 24), False) for i in range(0, 96, 24)]
 
     def accuracy() -> dict[str, float]:
-        hits: dict[str, list[bool]] = {"color": [], "shape": []}
+        """Per held-out batch of 24 scenes, weighted by its object tokens."""
+        scores, weights = [], []
         with torch.no_grad():
             for pixels, grid, labels in held_out:
                 vision(pixels, grid_thw=grid)
-                logits = probe.head(probe.tokens.float()).split(probe.sizes, dim=-1)
-                on_object = labels[:, 1] > 0
-                for i, name in enumerate(hits):
-                    hits[name] += (logits[i].argmax(-1) == labels[:, i])[on_object].tolist()
-        return {name: round(float(np.mean(v)), 3) for name, v in hits.items()}
+                scores.append(probe.object_accuracy(labels))
+                weights.append(int((labels[:, 1] > 0).sum()))
+        return {name: round(float(np.average([s[name] for s in scores], weights=weights)), 3) for name in scores[0]}
 
     start, step = time.time(), 0
     with open(args.log, "w") as log:
-        while time.time() - start < 60 * (args.minutes or 10):
+        while time.time() - start < 60 * (args.minutes or 10):  # --minutes, 10 when not given
             pixels, grid, labels = batch(args.seed, range(step * args.batch_size, (step + 1) * args.batch_size), True)
             vision(pixels, grid_thw=grid)
             loss = probe.loss(labels)

@@ -150,7 +150,7 @@ class VisionProbe(torch.nn.Module):
         self.cell_head = None
         if cell_layer is not None:
             self.cell_head, self.hidden = torch.nn.Linear(hidden, 9), None
-            FAMILY.language(model).layers[cell_layer].register_forward_hook(self._keep_hidden)
+            decoder_layers(model, (cell_layer,), "--cell-layer")[0].register_forward_hook(self._keep_hidden)
 
     def _keep(self, module, inputs, output: Tensor) -> None:
         self.tokens = output
@@ -175,6 +175,22 @@ class VisionProbe(torch.nn.Module):
             losses.append(F.cross_entropy(self.cell_head(visual), grid_thirds(grid).to(visual.device)))
         return torch.stack(losses).mean()
 
+    @torch.no_grad()
+    def object_accuracy(self, labels: Tensor) -> dict[str, float]:
+        """Colour and shape accuracy of the head on the object tokens (shape label > 0) of the last forward."""
+        colour, shape = self.head(self.tokens.float()).split(self.sizes, dim=-1)[:2]
+        on_object = labels[:, 1] > 0
+        return {name: (lg.argmax(-1) == labels[:, i])[on_object].float().mean().item()
+                for i, (name, lg) in enumerate((("color", colour), ("shape", shape)))}
+
+
+def decoder_layers(model, indices: tuple[int, ...], flag: str) -> list[torch.nn.Module]:
+    """The LLM decoder layers at `indices`; ConfigError naming `flag` when one is out of range."""
+    decoder = FAMILY.language(model).layers
+    if not all(-len(decoder) <= i < len(decoder) for i in indices):
+        raise ConfigError(f"{flag} {','.join(map(str, indices))}: the LLM has {len(decoder)} layers")
+    return [decoder[i] for i in indices]
+
 
 def grid_thirds(grid: Tensor, merge: int = 2) -> Tensor:
     """Per merged visual token of each image (row-major, images in order), the 3 x 3 cell of the image its centre
@@ -196,17 +212,14 @@ class AttentionPointer:
 
     def __init__(self, model, layers: tuple[int, ...]):
         model.config.text_config._attn_implementation = "eager"
-        decoder = FAMILY.language(model).layers
-        if not all(-len(decoder) <= i < len(decoder) for i in layers):
-            raise ConfigError(f"--pointer-layers {layers}: the LLM has {len(decoder)} layers")
         self.weights: dict[int, Tensor] = {}
-        for i in layers:
-            decoder[i].self_attn.register_forward_hook(lambda module, inputs, output, i=i: self.weights.__setitem__(i, output[1]))
+        for i, layer in zip(layers, decoder_layers(model, layers, "--pointer-layers")):
+            layer.self_attn.register_forward_hook(lambda module, inputs, output, i=i: self.weights.__setitem__(i, output[1]))
 
     def loss(self, rows: Tensor, queries: Tensor, keys: Tensor) -> Tensor:
         """rows, queries (P,): batch row and position of each supervised query; keys (P, L): its evidence tokens."""
         mass = [(w[rows.to(w.device), 0, queries.to(w.device)] * keys.to(w.device)).sum(-1) for w in self.weights.values()]
-        return -torch.stack(mass).clamp_min(1e-6).log().mean()
+        return -(torch.stack(mass) + 1e-6).log().mean()  # + eps, not a clamp: no mass is too small to get a gradient
 
 
 def build_optimizer(model, args: argparse.Namespace, *extra: torch.nn.Module) -> torch.optim.AdamW:
@@ -473,6 +486,8 @@ def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
+    if (args.aux_balanced or args.cell_layer is not None) and not args.aux_weight:
+        raise ConfigError("--aux-balanced and --cell-layer shape the dense visual-token loss: they need --aux-weight > 0")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
