@@ -284,19 +284,22 @@ class ServicerBase:
         return reply
 
     async def _streaming(self, grpc_context, method: Callable, request, name: str | None = None):
-        call, t0, code = Call.from_context(grpc_context), time.perf_counter(), "OK"
+        call, t0 = Call.from_context(grpc_context), time.perf_counter()
+
+        def done(code: str) -> None:
+            self.service.metrics.request_done(name or method.__name__, code, time.perf_counter() - t0)
         try:
             async for reply in method(request, call):
                 yield reply
-        except asyncio.CancelledError:
-            code = call.stop_error().code.name
+            done("OK")
+        except (asyncio.CancelledError, GeneratorExit):
+            done(call.stop_error().code.name)
             log_abandoned(self.service.logger, call)
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            code = status_of(e, call)[0].name
+            # counted before the abort sends the status: a client that reads /metrics next must see it
+            done(status_of(e, call)[0].name)
             await abort_on_error(grpc_context, e, self.service.logger, call)
-        finally:
-            self.service.metrics.request_done(name or method.__name__, code, time.perf_counter() - t0)
 
     @classmethod
     def run(cls, config, server: ServerConfig) -> None:
