@@ -291,7 +291,6 @@ class ServicerBase:
         try:
             async for reply in method(request, call):
                 yield reply
-            done("OK")
         except (asyncio.CancelledError, GeneratorExit):
             done(call.stop_error().code.name)
             log_abandoned(self.service.logger, call)
@@ -300,6 +299,8 @@ class ServicerBase:
             # counted before the abort sends the status: a client that reads /metrics next must see it
             done(status_of(e, call)[0].name)
             await abort_on_error(grpc_context, e, self.service.logger, call)
+        else:
+            done("OK")
 
     @classmethod
     def run(cls, config, server: ServerConfig) -> None:
