@@ -15,7 +15,7 @@ from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
 from luvc_common.research.train import (FAMILY, AttentionPointer, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer,
-                                        covered_tokens, encode_example, evaluate, image_processor, load_checkpoint, make_batch, recipe_at,
+                                        covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, make_batch, recipe_at,
                                         grid_thirds, score, token_cells, token_labels, train)
 from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
@@ -343,6 +343,17 @@ def test_export_loads(tmp_path):
     assert vision.model.language_model is None and language.model.visual is None
     for name, p in vision.named_parameters():
         assert torch.equal(p, full.get_parameter(name).float()), name
+
+
+def test_a_run_starts_from_an_exported_model_as_from_its_checkpoint(tmp_path):
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
+    from_ckpt = initial_weights(tmp_path / "run" / "ckpt.pt", torch.device("cpu"))
+    from_export = initial_weights(out, torch.device("cpu"))
+    assert from_export.keys() == from_ckpt.keys()
+    for name, w in from_ckpt.items():
+        assert from_export[name].dtype == torch.float32 and torch.equal(from_export[name], w.bfloat16().float()), name
+    train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--init", str(out)))
 
 
 @pytest.mark.parametrize("seed", [2000, 3000])

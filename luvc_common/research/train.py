@@ -107,7 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(training only, like --aux-weight, whose weight it shares)")
     p.add_argument("--augment", action="store_true", help="vary colours, background, object and text sizes and font (training only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
-    p.add_argument("--init", default=None, help="warm start: model weights from another run's ckpt.pt (fresh optimizer and schedule)")
+    p.add_argument("--init", default=None,
+                   help="warm start (fresh optimizer and schedule): model weights from another run's ckpt.pt, or from an "
+                        "exported model directory such as models/luvc-tiny-qwen2vl-wip (bf16 weights, read as fp32)")
     p.add_argument("--export", default=None, help="write the final HF model directory here")
     p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
@@ -464,6 +466,13 @@ def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int,
     os.replace(tmp, path)
 
 
+def initial_weights(path: str | Path, device: torch.device) -> dict[str, Tensor]:
+    """The model's state dict from a run's ckpt.pt or an exported HF model directory."""
+    if Path(path).is_dir():
+        return FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32).to(device).state_dict()
+    return torch.load(path, weights_only=False, map_location=device)["model"]
+
+
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, probe: VisionProbe | None = None) -> int:
     state = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
     model.load_state_dict(state["model"])
@@ -502,7 +511,7 @@ def train(args: argparse.Namespace) -> dict:
     ckpt = out / "ckpt.pt"
     step = load_checkpoint(ckpt, model, optimizer, schedule, probe) if args.resume and ckpt.exists() else 0
     if step == 0 and args.init:
-        model.load_state_dict(torch.load(args.init, weights_only=False, map_location=device)["model"])
+        model.load_state_dict(initial_weights(args.init, device))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
     val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
