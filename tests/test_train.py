@@ -348,12 +348,22 @@ def test_export_loads(tmp_path):
 def test_a_run_starts_from_an_exported_model_as_from_its_checkpoint(tmp_path):
     out = tmp_path / "model"
     train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
-    from_ckpt = initial_weights(tmp_path / "run" / "ckpt.pt", torch.device("cpu"))
-    from_export = initial_weights(out, torch.device("cpu"))
+    model = build_model(args_for(), build_tokenizer(FAMILY.chat))
+    from_ckpt = initial_weights(tmp_path / "run" / "ckpt.pt", model)
+    from_export = initial_weights(out, model)
     assert from_export.keys() == from_ckpt.keys()
     for name, w in from_ckpt.items():
         assert from_export[name].dtype == torch.float32 and torch.equal(from_export[name], w.bfloat16().float()), name
     train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--init", str(out)))
+
+
+def test_an_exported_model_of_another_architecture_is_refused_as_init(tmp_path, capsys):
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
+    with pytest.raises(ConfigError, match="rope_parameters"):  # same tensor shapes: load_state_dict alone would accept it
+        train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--init", str(out), "--rope-theta", "100"))
+    assert main(["train", *TINY, "--out", str(tmp_path / "other"), "--steps", "1", "--init", str(out), "--text-layers", "3"]) == 2
+    assert "num_hidden_layers (2 there, 3 here)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seed", [2000, 3000])

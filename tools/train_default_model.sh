@@ -27,7 +27,7 @@ stage() {  # stage NAME FLAGS...: one `luvc train` run in $run/NAME
     --questions 8 --aux-weight 2 --aux-balanced --cell-layer 0 --pointer-weight 1 --pointer-layers 1,2 --augment \
     --max-pixels 50176 --max-distractors 3 --eval-n 240 --eval-every 250 --steps 20000 --warmup 50 "${@:2}"
 }
-if [[ " $* " != *" --init "* ]]; then
+if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --init replaces the `objects` stage
   stage objects --seed 1000 --tasks color,shape,position,count --curriculum 1000 --minutes 95 "$@"
   set -- --init "$run/objects/ckpt.pt" "$@"
 fi

@@ -466,11 +466,20 @@ def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int,
     os.replace(tmp, path)
 
 
-def initial_weights(path: str | Path, device: torch.device) -> dict[str, Tensor]:
-    """The model's state dict from a run's ckpt.pt or an exported HF model directory."""
-    if Path(path).is_dir():
-        return FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32).to(device).state_dict()
-    return torch.load(path, weights_only=False, map_location=device)["model"]
+def initial_weights(path: str | Path, model) -> dict[str, Tensor]:
+    """Weights for `model` from a run's ckpt.pt or an exported HF model directory, whose architecture (rotary
+    settings included, which change no tensor shape) must be the one the run's flags build."""
+    device = next(model.parameters()).device
+    if not Path(path).is_dir():
+        return torch.load(path, weights_only=False, map_location=device)["model"]
+    exported = FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32)
+    for part in ("text_config", "vision_config"):
+        want, got = (getattr(m.config, part).to_dict() for m in (model, exported))
+        differ = sorted(k for k in want.keys() | got.keys() if k != "dtype" and want.get(k) != got.get(k))
+        if differ:
+            raise ConfigError(f"--init {path}: its {part} differs from the one these flags build in "
+                              + ", ".join(f"{k} ({got.get(k)} there, {want.get(k)} here)" for k in differ))
+    return exported.to(device).state_dict()
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, probe: VisionProbe | None = None) -> int:
@@ -511,7 +520,7 @@ def train(args: argparse.Namespace) -> dict:
     ckpt = out / "ckpt.pt"
     step = load_checkpoint(ckpt, model, optimizer, schedule, probe) if args.resume and ckpt.exists() else 0
     if step == 0 and args.init:
-        model.load_state_dict(initial_weights(args.init, device))
+        model.load_state_dict(initial_weights(args.init, model))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
     val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
