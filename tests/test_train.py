@@ -1,6 +1,7 @@
 """Training: the loss falls, resuming is exact, and the export loads with stock and split loaders."""
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,23 +61,25 @@ def test_validation_scores_agree_with_the_training_loss(tmp_path):
     assert set(record["val"]) == set(record["val_loss"]) == {"all", *tasks}
 
 
-def test_extra_questions_are_further_turns_about_the_same_image():
+def test_extra_questions_are_further_turns_about_the_same_image_that_no_turn_answers():
     tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(112 * 112)
-    for index in range(6):  # one example of each task
+    for index in range(24):  # four examples of each task
         one, many = (encode_example(1000, index, tokenizer, processor, Recipe(questions=q)) for q in (1, 4))
         n = len(one["ids"])
         assert many["ids"][:n] == one["ids"] and many["labels"][:n] == one["labels"]  # first turn: the serving format
         assert torch.equal(many["pixels"], one["pixels"])
+        ex = make_example(1000, index)
+        truth = {question_text(s).lower(): (s.task, answer_for(ex.scene, s)) for s in scene_questions(ex.scene)}
+        same_task = sum(task == ex.task for task, _ in truth.values()) - 1
         text = tokenizer.decode(many["ids"][n:])
         answers = tokenizer.decode([t for t in many["labels"][n:] if t != -100])
-        turns = text.count("assistant")
-        assert turns == (3 if one["task"] in ("color", "shape", "count", "position") else 0)
-        assert answers.count("<|im_end|>") == turns and "user" not in answers
-        scene = make_example(1000, index).scene  # each extra answer is the scene's own answer to that question
-        truth = {question_text(s).lower(): answer_for(scene, s) for s in scene_questions(scene)}
+        assert text.count("assistant") == answers.count("<|im_end|>") == min(3, max(0, same_task))
+        asked = [ex.question.lower()]
         for turn in text.split("<|im_start|> user")[1:]:
-            question, answer = turn.split("<|im_end|> <|im_start|> assistant")
-            assert truth[question.strip()] == answer.replace("<|im_end|>", "").strip()
+            question, answer = (part.replace("<|im_end|>", "").strip() for part in turn.split("<|im_end|> <|im_start|> assistant"))
+            assert truth[question] == (ex.task, answer)  # the scene's own answer to a question of the same task
+            assert not set(answer.split()) & set(re.findall(r"\w+", " ".join(asked)))  # not named by an earlier turn
+            asked.append(question)
 
 
 def test_recipe_tasks_distractors_and_side():

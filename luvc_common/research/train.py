@@ -234,18 +234,13 @@ def build_optimizer(model, args: argparse.Namespace, *extra: torch.nn.Module) ->
 
 
 def extra_questions(ex: Example, k: int, rng: np.random.Generator) -> list[QuestionSpec]:
-    """Up to k more questions about ex's scene besides its own: each picks a task at random, then a question of it."""
-    by_task: dict[str, list[QuestionSpec]] = {}
-    for spec in scene_questions(ex.scene):
-        if spec != ex.spec:
-            by_task.setdefault(spec.task, []).append(spec)
-    picked = []
-    while by_task and len(picked) < k:
-        task = list(by_task)[int(rng.integers(len(by_task)))]
-        picked.append(by_task[task].pop(int(rng.integers(len(by_task[task])))))
-        if not by_task[task]:
-            del by_task[task]
-    return picked
+    """Up to k more questions of ex's own task about other things in its scene, in random order.
+
+    Only the same task: a question names what other tasks answer ("Where is the red square?" names the answer to
+    "What color is the square?"), so mixed turns let the model copy answers from the conversation instead of
+    looking, and colour and shape never left their answer priors on single questions (docs/training.md)."""
+    same = [spec for spec in scene_questions(ex.scene) if spec.task == ex.spec.task and spec != ex.spec]
+    return [same[int(i)] for i in rng.permutation(len(same))[:k]]
 
 
 @dataclass(frozen=True)
