@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int_at_least(0), default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=1000, help="SynthVQA training seed (and torch init seed)")
-    p.add_argument("--questions", type=positive_int, default=1, help="questions per training image (extra chat turns about the same scene)")
+    p.add_argument("--questions", type=positive_int, default=1, help="questions per training image (extra chat turns of the same task about the same scene)")
     p.add_argument("--max-distractors", type=int, choices=range(4), default=3, help="most distractor objects in an object scene")
     p.add_argument("--curriculum", type=int_at_least(0), default=0, help="steps over which --max-distractors ramps up from 0 (0: no ramp)")
     p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma-separated task families to train on")
@@ -248,7 +248,7 @@ class Recipe:
     """What one step's training examples look like; Recipe() is SynthVQA as the splits have it."""
 
     questions: int = 1
-    """Questions per image: the example's own, then further chat turns about the same scene."""
+    """Questions per image: the example's own, then further chat turns of its task about the same scene."""
     max_distractors: int = 3
     """Most distractor objects in an object scene."""
     tasks: tuple[str, ...] = TASKS
@@ -309,7 +309,7 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     """Prompt + answer ids (labels only on answers and their <|im_end|>), patches and grid of one example.
 
     The first turn is the example itself, in the serving prompt format; further turns (recipe.questions)
-    ask other questions about the same image, so one vision forward trains several answers.
+    ask other questions of its task about the same image (extra_questions), so one vision forward trains several answers.
     """
     ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side)
     scene, look = ex.scene, Look()
