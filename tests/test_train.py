@@ -159,6 +159,30 @@ def test_token_labels_line_up_with_the_merged_token_grid():
     assert char[6, 5] == 10 + 2  # the letter B, after the ten digits, in its cell
 
 
+def test_char_slots_list_each_token_s_characters_in_reading_order():
+    """"40718" in 13-px digits from x=30, ink rows 107-122, unresized in 28-px tokens: "4" and "0" fall in token column
+    1, "7" and "1" in column 2, "8" mostly in column 3, all in token row 4; other columns are unchanged."""
+    scene = Scene(224, 224, (240, 240, 240), text="40718", text_xy=(30, 100), font_size=22)
+    grid = torch.tensor([[1, 16, 16]])
+    labels = token_labels(scene, Look(), grid, char_slots=2)
+    assert torch.equal(labels[:, :5], token_labels(scene, Look(), grid)) and labels.shape == (64, 7)
+    slots = labels[:, 5:].reshape(8, 8, 2)
+    assert slots[4, 1].tolist() == [1 + 4, 1 + 0] and slots[4, 2].tolist() == [1 + 7, 1 + 1] and slots[4, 3].tolist() == [1 + 8, 0]
+    assert slots.count_nonzero() == 5
+    assert token_labels(scene, Look(), grid, char_slots=1)[:, 5].reshape(8, 8)[4, 1:4].tolist() == [1 + 4, 1 + 7, 1 + 8]
+    assert not token_labels(Scene(224, 224, (240, 240, 240)), Look(), grid, char_slots=2)[:, 5:].any()
+
+
+def test_char_slot_losses_count_as_one_label_kind():
+    model = build_model(args_for(), build_tokenizer(FAMILY.chat))
+    probe = VisionProbe(model, char_slots=3)
+    tokens, labels = torch.randn(10, 256), torch.randint(0, 2, (10, 8))
+    probe.tokens = tokens
+    losses = [F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(probe.head(tokens).split(probe.sizes, -1))]
+    assert probe.sizes[5:] == [17] * 3
+    assert probe.loss(labels).item() == pytest.approx(torch.stack([*losses[:5], torch.stack(losses[5:]).mean()]).mean().item(), rel=1e-5)
+
+
 def test_evidence_is_where_each_answer_is_drawn():
     """The pointer targets: the referred objects' tokens, each digit's token in reading order, nothing for a count of 0."""
     scene = Scene(336, 224, (240, 240, 240), objects=(Shape("square", "blue", 80, 67, 20), Shape("circle", "red", 250, 170, 15),
@@ -247,6 +271,7 @@ def test_the_balanced_probe_weighs_objects_like_the_background():
 
 
 @pytest.mark.parametrize("flags, message", [(["--aux-balanced"], "need --aux-weight"), (["--cell-layer", "0"], "need --aux-weight"),
+                                            (["--char-slots", "2"], "need --aux-weight"),
                                             (["--aux-weight", "1", "--cell-layer", "5"], "--cell-layer 5: the LLM has 2 layers")])
 def test_dense_loss_options_without_their_loss_or_layer_are_user_errors(tmp_path, capsys, flags, message):
     assert main(["train", "--out", str(tmp_path), *TINY, "--steps", "1", *flags]) == 2
@@ -266,6 +291,8 @@ def test_the_vision_probe_trains_but_is_not_exported(tmp_path):
     train(args_for("--out", str(tmp_path / "run"), "--steps", "2", "--aux-weight", "1", "--export", str(out)))
     assert "aux_loss" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["probe"]["head.weight"].shape[0] == 7 + 4 + 17 + 2 + 2
+    train(args_for("--out", str(tmp_path / "slots"), "--steps", "1", "--aux-weight", "1", "--char-slots", "2", "--tasks", "read"))
+    assert torch.load(tmp_path / "slots" / "ckpt.pt", weights_only=False)["probe"]["head.weight"].shape[0] == 7 + 4 + 17 + 2 + 2 + 2 * 17
     with safe_open(out / "model.safetensors", "pt") as f:
         assert not any(k.split(".")[0] in ("head", "probe") for k in f.keys())
     model, info = Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)  # a stock model

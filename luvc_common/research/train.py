@@ -36,7 +36,7 @@ from luvc_common.models.family import get_family
 from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
-from luvc_common.research.synthvqa import (LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, evidence,
+from luvc_common.research.synthvqa import (CHARS, LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, evidence,
                                            jitter_scene, label_maps, make_example, question_text, random_look, render,
                                            scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
@@ -102,6 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pointer-layers", type=_layers, default=(1, 2), metavar="L,L", help="LLM layers whose head 0 the pointer loss teaches")
     p.add_argument("--aux-balanced", action="store_true",
                    help="weigh each dense label kind's background and labelled tokens equally (objects are few tokens)")
+    p.add_argument("--char-slots", type=int_at_least(0), default=0,
+                   help="with --aux-weight: per visual token also learn the first S characters of the text inked mostly in it, in reading order")
     p.add_argument("--cell-layer", type=int, default=None,
                    help="also teach which third of the image each visual token is in, from the output of this LLM layer "
                         "(training only, like --aux-weight, whose weight it shares)")
@@ -140,11 +142,13 @@ class VisionProbe(torch.nn.Module):
     third of the image (3 x 3 cells) it lies in. Not part of the model, so never exported.
 
     balanced: each label kind's loss is the mean of its loss on unlabelled (class 0) tokens and on labelled ones, so
-    that the background, most of every image, does not drown out what the objects are."""
+    that the background, most of every image, does not drown out what the objects are.
+    char_slots: heads for token_labels' reading-order characters; their mean loss counts as one label kind."""
 
-    def __init__(self, model, balanced: bool = False, cell_layer: int | None = None):
+    def __init__(self, model, balanced: bool = False, cell_layer: int | None = None, char_slots: int = 0):
         super().__init__()
-        self.sizes, self.balanced = [*LABEL_MAPS.values(), 2], balanced
+        self.sizes, self.balanced = [*LABEL_MAPS.values(), 2, *[LABEL_MAPS["char"]] * char_slots], balanced
+        self.kinds = len(LABEL_MAPS) + 1
         hidden = model.config.text_config.hidden_size
         self.head = torch.nn.Linear(hidden, sum(self.sizes))
         self.tokens: Tensor | None = None
@@ -172,6 +176,8 @@ class VisionProbe(torch.nn.Module):
         the image tokens are in the batch (bool, batch x length) and the images' grids."""
         logits = self.head(self.tokens.float()).split(self.sizes, dim=-1)
         losses = [self._cross_entropy(lg, labels[:, i].to(lg.device)) for i, lg in enumerate(logits)]
+        if len(losses) > self.kinds:
+            losses[self.kinds:] = [torch.stack(losses[self.kinds:]).mean()]
         if self.cell_head is not None:
             visual = self.hidden[image_tokens.to(self.hidden.device)].float()
             losses.append(F.cross_entropy(self.cell_head(visual), grid_thirds(grid).to(visual.device)))
@@ -261,13 +267,16 @@ class Recipe:
     """Also return token_labels, the targets of the VisionProbe."""
     pointer: bool = False
     """Also return the AttentionPointer's targets: per answer token, the visual tokens where it is drawn."""
+    char_slots: int = 0
+    """With dense: token_labels' reading-order characters per token."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     """The recipe of training step `step`: --curriculum ramps max_distractors from 0 to --max-distractors."""
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
-    return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0)
+    return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0,
+                  args.char_slots)
 
 
 MIN_COVER = 0.02
@@ -289,10 +298,12 @@ def covered_tokens(mask: np.ndarray, cell: np.ndarray, n: int, min_pixels: float
     return np.flatnonzero(counts >= max(1, min(min_pixels, counts.max())))
 
 
-def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: int = 14) -> Tensor:
+def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: int = 14, char_slots: int = 0) -> Tensor:
     """Targets per merged visual token, in the merger's row-major order: for each of synthvqa.LABEL_MAPS the class
     covering most of the token's (merge * patch)-pixel cell of the resized image (0 when none covers MIN_COVER
-    of it), then 1 when an object's centre lies in the cell."""
+    of it), then 1 when an object's centre lies in the cell, then char_slots columns: the characters of the text
+    inked mostly in the cell, in reading order (0 past the last). A token holds several small digits; "char" names
+    only the one with the most ink, while reading needs all of them and their order."""
     cell, n, min_pixels = token_cells(scene, grid, merge)
     out = []
     for name, m in label_maps(scene, look).items():
@@ -302,7 +313,13 @@ def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: 
         out.append(np.where(counts.max(1) >= min_pixels, counts.argmax(1), 0))
     centre = np.zeros(n, dtype=np.int64)
     centre[[cell[o.cy, o.cx] for o in scene.objects]] = 1
-    return torch.from_numpy(np.stack([*out, centre], 1))
+    slots = np.zeros((n, char_slots), dtype=np.int64)
+    filled = np.zeros(n, dtype=np.int64)
+    for ch, mask in zip(scene.text, evidence(scene, QuestionSpec("read"), look) if char_slots else []):
+        t = np.bincount(cell[mask], minlength=n).argmax()
+        if mask.any() and filled[t] < char_slots:
+            slots[t, filled[t]], filled[t] = 1 + CHARS.index(ch), filled[t] + 1
+    return torch.from_numpy(np.concatenate([np.stack([*out, centre], 1), slots], 1))
 
 
 def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe = Recipe()) -> dict:
@@ -342,7 +359,7 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
         labels += [-100] * len(prompt_ids) + answer_ids
     item = dict(ids=ids, labels=labels, pixels=pixels, grid=grid, task=ex.task)
     if recipe.dense:
-        item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size)
+        item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size, recipe.char_slots)
     if recipe.pointer:
         item["pointers"] = pointers
     return item
@@ -499,8 +516,8 @@ def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
-    if (args.aux_balanced or args.cell_layer is not None) and not args.aux_weight:
-        raise ConfigError("--aux-balanced and --cell-layer shape the dense visual-token loss: they need --aux-weight > 0")
+    if (args.aux_balanced or args.cell_layer is not None or args.char_slots) and not args.aux_weight:
+        raise ConfigError("--aux-balanced, --cell-layer and --char-slots shape the dense visual-token loss: they need --aux-weight > 0")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -508,7 +525,7 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
     image_token_id = tokenizer.convert_tokens_to_ids(FAMILY.chat.image)
     model = build_model(args, tokenizer).to(device)
-    probe = VisionProbe(model, args.aux_balanced, args.cell_layer).to(device) if args.aux_weight else None
+    probe = VisionProbe(model, args.aux_balanced, args.cell_layer, args.char_slots).to(device) if args.aux_weight else None
     pointer = AttentionPointer(model, args.pointer_layers) if args.pointer_weight else None
     optimizer = build_optimizer(model, args, *([probe] if probe else []))
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
