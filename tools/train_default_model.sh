@@ -14,7 +14,9 @@
 #   lone     colour and shape on lone objects (12 min: colour leaves its prior within ~200 steps);
 #   shape    shape alone on lone objects (10 min: beside colour it did not move);
 #   mix      all six tasks at lr 5e-4, distractors ramped 0 -> 3 over 800 steps (55 min); the kept weights'
-#            last stage, which keeps colour and shape above chance (at lr 2e-3 they fell back to their priors).
+#            last stage, which keeps colour and shape above chance (at lr 2e-3 they fell back to their priors);
+#            read drawn twice as often and --char-slots 4 (each visual token's digits in reading order) since the
+#            fourteenth session, whose 85 minutes of it made the kept weights (read still 0: docs/training.md).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `mix` stage)
@@ -38,4 +40,5 @@ if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --ini
   stage shape --seed 1304 --tasks shape --max-distractors 0 --minutes 10 "$@" --init "$run/lone/ckpt.pt"
   set -- "$@" --init "$run/shape/ckpt.pt"
 fi
-stage mix --seed 1306 --lr 5e-4 --curriculum 800 --minutes 55 --export "$run/export" "$@"
+stage mix --seed 1404 --lr 5e-4 --curriculum 800 --minutes 55 --tasks color,shape,count,position,read,read,chart \
+  --char-slots 4 --export "$run/export" "$@"
