@@ -16,7 +16,8 @@
 #   mix      all six tasks at lr 5e-4, distractors ramped 0 -> 3 over 800 steps (55 min); the kept weights'
 #            last stage, which keeps colour and shape above chance (at lr 2e-3 they fell back to their priors);
 #            read drawn twice as often and --char-slots 4 (each visual token's digits in reading order) since the
-#            fourteenth session, whose 85 minutes of it made the kept weights (read still 0: docs/training.md).
+#            fourteenth session, whose last kept weights came from 85 minutes of these flags without the ramp
+#            (--curriculum 0, --minutes 85; read still 0: docs/training.md).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `mix` stage)

@@ -316,8 +316,10 @@ def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: 
     slots = np.zeros((n, char_slots), dtype=np.int64)
     filled = np.zeros(n, dtype=np.int64)
     for ch, mask in zip(scene.text, evidence(scene, QuestionSpec("read"), look) if char_slots else []):
+        if not mask.any():
+            continue
         t = np.bincount(cell[mask], minlength=n).argmax()
-        if mask.any() and filled[t] < char_slots:
+        if filled[t] < char_slots:
             slots[t, filled[t]], filled[t] = 1 + CHARS.index(ch), filled[t] + 1
     return torch.from_numpy(np.concatenate([np.stack([*out, centre], 1), slots], 1))
 
