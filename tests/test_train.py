@@ -272,7 +272,9 @@ def test_the_balanced_probe_weighs_objects_like_the_background():
 
 @pytest.mark.parametrize("flags, message", [(["--aux-balanced"], "need --aux-weight"), (["--cell-layer", "0"], "need --aux-weight"),
                                             (["--char-slots", "2"], "need --aux-weight"),
-                                            (["--aux-weight", "1", "--cell-layer", "5"], "--cell-layer 5: the LLM has 2 layers")])
+                                            (["--aux-weight", "1", "--cell-layer", "5"], "--cell-layer 5: the LLM has 2 layers"),
+                                            (["--vision-only"], "needs --aux-weight"),
+                                            (["--vision-only", "--aux-weight", "1", "--pointer-weight", "1"], "excludes --pointer-weight")])
 def test_dense_loss_options_without_their_loss_or_layer_are_user_errors(tmp_path, capsys, flags, message):
     assert main(["train", "--out", str(tmp_path), *TINY, "--steps", "1", *flags]) == 2
     assert message in capsys.readouterr().err
@@ -403,3 +405,29 @@ def test_refuses_held_out_seeds(seed, tmp_path, capsys):
         train(args_for("--out", str(tmp_path), "--seed", str(seed)))
     assert main(["train", "--out", str(tmp_path), "--seed", str(seed)]) == 2  # the CLI: a message, not a traceback
     assert "held-out" in capsys.readouterr().err
+
+
+def test_vision_only_trains_the_tower_alone_and_validates_the_dense_heads(tmp_path):
+    args = args_for("--out", str(tmp_path), "--steps", "2", "--aux-weight", "1", "--char-slots", "2", "--vision-only",
+                    "--tasks", "read,color", "--eval-every", "2", "--eval-n", "6")
+    before = build_model(args, build_tokenizer(FAMILY.chat)).state_dict()
+    record = train(args)
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("model.visual.") for k in moved), sorted(moved)[:5]
+    assert record["loss"] == record["aux_loss"] and "val" not in record
+    assert {"color", "shape", "centre", "slots"} <= record["val_probe"].keys()
+    assert all(0 <= v <= 1 for v in record["val_probe"].values())
+
+
+def test_probe_hits_count_right_answers_on_labelled_tokens_only():
+    model = build_model(args_for(), build_tokenizer(FAMILY.chat))
+    probe = VisionProbe(model, char_slots=2)
+    probe.head.weight.data.zero_()
+    probe.head.bias.data = torch.cat([-(torch.arange(n) - 1.0).abs() for n in probe.sizes])  # argmax: class 1 everywhere
+    probe.tokens = torch.zeros(3, probe.head.in_features)
+    labels = torch.tensor([[1, 0, 2, 0, 1, 1, 0],
+                           [2, 0, 1, 0, 0, 1, 3],
+                           [0, 0, 0, 0, 1, 0, 1]])
+    assert probe.hits(labels) == {"color": (1, 2), "shape": (0, 0), "char": (1, 2), "tallest": (0, 0), "centre": (2, 2),
+                                  "slots": (3, 4)}

@@ -104,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="weigh each dense label kind's background and labelled tokens equally (objects are few tokens)")
     p.add_argument("--char-slots", type=int_at_least(0), default=0,
                    help="with --aux-weight: per visual token also learn the first S characters of the text inked mostly in it, in reading order")
+    p.add_argument("--vision-only", action="store_true",
+                   help="with --aux-weight: train only the vision tower on the dense visual-token loss (no LLM forward, "
+                        "~2x faster per image); validation then reports the dense heads' held-out accuracy")
     p.add_argument("--cell-layer", type=int, default=None,
                    help="also teach which third of the image each visual token is in, from the output of this LLM layer "
                         "(training only, like --aux-weight, whose weight it shares)")
@@ -184,12 +187,15 @@ class VisionProbe(torch.nn.Module):
         return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def object_accuracy(self, labels: Tensor) -> dict[str, float]:
-        """Colour and shape accuracy of the head on the object tokens (shape label > 0) of the last forward."""
-        colour, shape = self.head(self.tokens.float()).split(self.sizes, dim=-1)[:2]
-        on_object = labels[:, 1] > 0
-        return {name: (lg.argmax(-1) == labels[:, i])[on_object].float().mean().item()
-                for i, (name, lg) in enumerate((("color", colour), ("shape", shape)))}
+    def hits(self, labels: Tensor) -> dict[str, tuple[int, int]]:
+        """Per label kind (the char slots together as "slots"), the head's right answers and the number of labelled
+        (class > 0) tokens of the last forward."""
+        names = [*LABEL_MAPS, "centre", *["slots"] * (len(self.sizes) - self.kinds)]
+        out: dict[str, tuple[int, int]] = {}
+        for name, lg, y in zip(names, self.head(self.tokens.float()).split(self.sizes, dim=-1), labels.T.to(self.tokens.device)):
+            right, total = out.get(name, (0, 0))
+            out[name] = (right + int((lg.argmax(-1) == y)[y > 0].sum()), total + int((y > 0).sum()))
+        return out
 
 
 def decoder_layers(model, indices: tuple[int, ...], flag: str) -> list[torch.nn.Module]:
@@ -432,6 +438,25 @@ def score(model, batch: dict[str, Tensor], device: torch.device = torch.device("
     return ((logits.argmax(-1) == target) | ~answer).all(1).cpu(), (token_loss.sum(1) / answer.sum(1)).cpu()
 
 
+@torch.no_grad()
+def probe_accuracy(model, probe: VisionProbe, batches: list[dict[str, Tensor]], device: torch.device) -> dict[str, float]:
+    """The dense heads' accuracy per label kind on the labelled tokens of held-out batches (vision tower only)."""
+    model.eval()
+    totals: dict[str, tuple[int, int]] = {}
+    for batch in batches:
+        vision_forward(model, batch, device)
+        for name, (right, n) in probe.hits(batch["aux_labels"]).items():
+            totals[name] = (totals.get(name, (0, 0))[0] + right, totals.get(name, (0, 0))[1] + n)
+    model.train()
+    return {name: right / n for name, (right, n) in totals.items() if n}
+
+
+def vision_forward(model, batch: dict[str, Tensor], device: torch.device) -> Tensor:
+    """Only the vision tower on `batch`'s images (the VisionProbe's hook catches the merged tokens)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return FAMILY.vision(model)(batch["pixel_values"].to(device), grid_thw=batch["image_grid_thw"].to(device))
+
+
 def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]],
              device: torch.device = torch.device("cpu")) -> tuple[dict[str, float], dict[str, float]]:
     """Exact-match accuracy and mean answer loss, overall ("all") and per task."""
@@ -520,6 +545,9 @@ def train(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
     if (args.aux_balanced or args.cell_layer is not None or args.char_slots) and not args.aux_weight:
         raise ConfigError("--aux-balanced, --cell-layer and --char-slots shape the dense visual-token loss: they need --aux-weight > 0")
+    if args.vision_only and (not args.aux_weight or args.pointer_weight or args.cell_layer is not None):
+        raise ConfigError("--vision-only trains the vision tower on the dense loss alone: it needs --aux-weight > 0 and "
+                          "excludes --pointer-weight and --cell-layer, which teach LLM layers")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -537,7 +565,8 @@ def train(args: argparse.Namespace) -> dict:
         model.load_state_dict(initial_weights(args.init, model))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
-    val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor)
+    val_recipe = Recipe(dense=True, char_slots=args.char_slots) if args.vision_only else Recipe()
+    val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor, val_recipe)
            for i in range(0, args.eval_n if args.eval_every else 0, 24)]
     model.train()
     last_ckpt = t_prev = time.time()
@@ -555,10 +584,15 @@ def train(args: argparse.Namespace) -> dict:
             t_model = time.time()
             aux_labels = batch.pop("aux_labels", None)
             pointer_targets = [batch.pop(k, None) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
-            answer_loss = loss = forward(model, batch, device).loss
-            if probe:
-                aux_loss = probe.loss(aux_labels, batch["input_ids"] == image_token_id, batch["image_grid_thw"])
-                loss = loss + args.aux_weight * aux_loss
+            if args.vision_only:
+                vision_forward(model, batch, device)
+                aux_loss = probe.loss(aux_labels)
+                loss = args.aux_weight * aux_loss
+            else:
+                answer_loss = loss = forward(model, batch, device).loss
+                if probe:
+                    aux_loss = probe.loss(aux_labels, batch["input_ids"] == image_token_id, batch["image_grid_thw"])
+                    loss = loss + args.aux_weight * aux_loss
             if pointer:
                 pointer_loss = pointer.loss(*pointer_targets)
                 loss = loss + args.pointer_weight * pointer_loss
@@ -569,12 +603,17 @@ def train(args: argparse.Namespace) -> dict:
             step += 1
             now = time.time()
             schedule.elapsed, t_prev = schedule.elapsed + now - t_prev, now  # wall time: evaluation and checkpoints count
-            record = dict(step=step, loss=round(answer_loss.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
+            trained = aux_loss if args.vision_only else answer_loss  # "loss": the answer loss, or the dense one alone
+            record = dict(step=step, loss=round(trained.item(), 4), lr=lr, grad_norm=round(grad_norm.item(), 3),
                           data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(schedule.elapsed, 1))
             if args.eval_every and (step % args.eval_every == 0 or schedule.progress(step) >= 1):
-                acc, val_loss = evaluate(model, val, device)
-                record["val"], record["val_loss"] = ({k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss))
-                tqdm.write(f"step {step} val {record['val']}")
+                if args.vision_only:
+                    record["val_probe"] = {k: round(v, 3) for k, v in probe_accuracy(model, probe, [b for b, _ in val], device).items()}
+                    tqdm.write(f"step {step} val_probe {record['val_probe']}")
+                else:
+                    acc, val_loss = evaluate(model, val, device)
+                    record["val"], record["val_loss"] = ({k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss))
+                    tqdm.write(f"step {step} val {record['val']}")
             if probe:
                 record["aux_loss"] = round(aux_loss.item(), 4)
             if pointer:
