@@ -16,13 +16,13 @@ from transformers.models.internvl.processing_internvl import InternVLProcessor
 
 import conftest
 from luvc_common.client import LUVCClient, image_file, video_dir
-from luvc_common.compression.config import SPUConfig
+from luvc_common.compression.config import OIMConfig, SPUConfig
 from luvc_common.compression.methods import method_config
 from luvc_common.config import Limits, ModelConfig
 from luvc_common.engine.language import Request
 from luvc_common.engine.media import Media, decode_image
 from luvc_common.engine.pipeline import Pipeline, encode
-from luvc_common.errors import PromptError
+from luvc_common.errors import ConfigError, PromptError
 from luvc_common.models.internvl import FAMILY
 from luvc_common.models.loading import load_model
 from luvc_common.models.tiny import save_random_checkpoint
@@ -158,6 +158,14 @@ def test_cached_decode_equals_recomputation(pipeline, demo_image, demo_video, me
         cached = gen.engine.decode_step(state, torch.tensor([token]))
         fresh = gen.engine.prefill([Request(ids + continuation[: k + 1], encoded)], cfg)
         assert torch.allclose(fresh.logits, cached, atol=1e-4), f"step {k}"
+
+
+def test_source_llm_positions_are_refused_for_1d_rope(pipeline, demo_image):
+    cfg = method_config("luvc", oim=OIMConfig(llm_positions="source"))
+    encoded = pipeline.encoder.encode([demo_image], cfg)
+    with pytest.raises(ConfigError, match='oim.llm_positions="source" is not supported for internvl'):
+        pipeline.generator.engine.prefill([Request(pipeline.generator.prompt_ids(QUESTION, encoded), encoded)], cfg)
+    assert pipeline.generate([demo_image], QUESTION, method_config("luvc"), 2).token_ids  # and the engine still serves
 
 
 def test_batch_with_padding_equals_requests_alone(pipeline, demo_image):

@@ -15,7 +15,9 @@ from luvc_common.errors import ConfigError
 from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
 from luvc_common.engine.pipeline import encode
-from luvc_common.models.family import family_of
+from luvc_common.models.family import family_of, get_family
+from luvc_common.engine.language import Request
+from luvc_common.engine.pipeline import Pipeline
 from transformers.vision_utils import get_vision_position_ids
 
 
@@ -153,8 +155,34 @@ def test_merging_changes_features_only_where_merged(tower):
         ({"merge_depths": (0.8, 0.2)}, "oim.merge_depths"),
         ({"first_axis": "t"}, "oim.first_axis"),
         ({"positions": "median"}, "oim.positions"),
+        ({"llm_positions": "grid"}, "oim.llm_positions"),
     ],
 )
 def test_invalid_oim_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         OIMConfig(**kwargs)
+
+
+def test_source_positions_put_merged_cells_at_the_mean_of_their_source_cells():
+    """Two text tokens, a 2 x 2 merged image (source 2 x 4 LLM cells) from position 2, then two text tokens."""
+    t, h, w = (torch.tensor(v, dtype=torch.float) for v in ([0, 1, 2, 2, 2, 2, 4, 5], [0, 1, 2, 2, 3, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]))
+    merged = torch.stack([t, h, w])[:, None]
+    out = get_family("qwen2_vl").source_positions(merged, [[(torch.arange(2, 6), (1, 2, 2), (1, 2, 4))]])
+    # unmerged, the image's columns would be 2..5 and the text after it would start at 2 + max(1, 2, 4)
+    assert out[2, 0].tolist() == [0, 1, 2.5, 4.5, 2.5, 4.5, 6, 7]
+    assert out[1, 0].tolist() == [0, 1, 2, 2, 3, 3, 6, 7] and out[0, 0].tolist() == [0, 1, 2, 2, 2, 2, 6, 7]
+    assert merged[2, 0, 2:6].tolist() == [2, 3, 2, 3]  # the input is left as it was
+
+
+@pytest.mark.parametrize("llm_positions", ["merged", "source"])
+def test_source_llm_positions_place_the_text_as_after_the_unmerged_grids(tiny_model, demo_image, demo_video, llm_positions):
+    gen = Pipeline(ModelConfig(tiny_model))
+    media = [demo_image, demo_video]
+    cfg = method_config("luvc", spu=None, oim=OIMConfig(llm_positions=llm_positions))
+    encoded = {name: gen.encoder.encode(media, c) for name, c in (("none", method_config("none")), ("oim", cfg))}
+    assert encoded["oim"].grids != encoded["none"].grids and encoded["oim"].source_grids == encoded["none"].grids
+    state = {name: gen.generator.engine.prefill([Request(gen.generator.prompt_ids("What is it?", e), e)], c)
+             for (name, e), c in zip(encoded.items(), (method_config("none"), cfg))}
+    same = torch.equal(state["oim"].next_position, state["none"].next_position)
+    assert same == (llm_positions == "source"), (state["oim"].next_position, state["none"].next_position)
+    assert state["oim"].next_position.dtype == torch.long

@@ -23,6 +23,11 @@ class OIMConfig:
     positions: str = "mean"
     """Rotary positions of merged tokens: "mean" (mean of the merged patches' coordinates) or "grid"
     (the merged grid's own integer coordinates)."""
+    llm_positions: str = "merged"
+    """The LLM's M-RoPE positions of merged media: "merged" (those of the merged grid, DESIGN 2.1) or
+    "source" (the merged grid spread evenly over the source grid's span, each token at the mean position of the
+    source cells it stands for when the sides divide evenly, and the text after the media where it follows the
+    unmerged grid: the image keeps its positional extent; Qwen-family LLMs)."""
 
     def __post_init__(self) -> None:
         d = tuple(float(x) for x in self.merge_depths)
@@ -31,6 +36,7 @@ class OIMConfig:
         check_field(list(d) == sorted(d), "oim.merge_depths", d, "non-decreasing values")
         check_field(self.first_axis in ("w", "h"), "oim.first_axis", self.first_axis, '"w" or "h"')
         check_field(self.positions in ("mean", "grid"), "oim.positions", self.positions, '"mean" or "grid"')
+        check_field(self.llm_positions in ("merged", "source"), "oim.llm_positions", self.llm_positions, '"merged" or "source"')
 
 
 @dataclass(frozen=True)

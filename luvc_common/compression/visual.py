@@ -21,10 +21,13 @@ class VisualTokens:
     it fills the whole grid; None for all items when no item is a subset."""
     kinds: list[str] | None = None
     """"image" or "video" per item; None: all images."""
+    source_grids: list[tuple[int, int, int]] | None = None
+    """Per item, the ViT grid before merging; None: the grids (nothing merged)."""
 
     def __post_init__(self) -> None:
         self.cells = self.cells or [None] * len(self.grids)
         self.kinds = self.kinds or ["image"] * len(self.grids)
+        self.source_grids = self.source_grids or list(self.grids)
 
     def grid_counts(self, unit: int) -> list[int]:
         """LLM tokens of each item's full grid: its placeholders in the prompt."""

@@ -134,9 +134,14 @@ class LanguageEngine:
         for b, r in enumerate(requests):
             for s, g in zip(spans[b], r.visual.grids):
                 (image_grids if token_type[b, s.cells[0]] == 1 else video_grids).append(list(g))
-        position_ids = self.family.position_ids(self.model, ids, token_type, image_grids, video_grids, valid).to(device)
+        position_ids = self.family.position_ids(self.model, ids, token_type, image_grids, video_grids, valid)
+        if compression and compression.oim and compression.oim.llm_positions == "source":
+            position_ids = self.family.source_positions(position_ids, [
+                [(s.cells, s.grid, (t, h // self.unit, w // self.unit)) for s, (t, h, w) in zip(spans[b], r.visual.source_grids)]
+                for b, r in enumerate(requests)])
+        position_ids = position_ids.to(device)
         positions = position_ids.reshape(-1, *ids.shape)  # (axes, B, L) whatever the family's shape: one axis for 1D RoPE
-        next_position = (positions.amax(dim=(0, 2)) + 1).cpu()
+        next_position = (positions.amax(dim=(0, 2)).ceil().long() + 1).cpu()  # text positions stay whole numbers
         cos, sin = self.lm.rotary_emb(hidden, position_ids)
         source = torch.where(valid & ~absent, torch.arange(width).expand_as(ids), -1)
         if absent.any():  # cells the encoder dropped: their placeholders never enter a layer

@@ -31,8 +31,6 @@ class EncodedMedia(VisualTokens):
     """What the encoder hands the LLM side: the visual tokens, their grids (merged; the source grids
     before merging), media kinds and encoder figures."""
 
-    source_grids: list[tuple[int, int, int]] = field(default_factory=list)
-    """ViT grid per item before merging."""
     vit_patches: int = 0
     encode_ms: float = 0.0
 

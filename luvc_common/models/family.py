@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from luvc_common.compression.methods.base import VisionTower
-from luvc_common.errors import ModelLoadError
+from luvc_common.errors import ConfigError, ModelLoadError
 
 MODULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
 """HF model_type -> family module in this package."""
@@ -148,6 +148,12 @@ class Family:
     def decode_position_ids(self, next_position: Tensor) -> Tensor:
         """Position ids of one new token per row, from (B,) next positions."""
         raise NotImplementedError
+
+    def source_positions(self, positions: Tensor, items: list[list[tuple[Tensor, tuple, tuple]]]) -> Tensor:
+        """position_ids of merged media moved to where their source grids put them (oim.llm_positions "source").
+        items: per row, per media item in prompt order, (its cells in the row, its LLM-token grid, its source
+        LLM-token grid)."""
+        raise ConfigError(f'oim.llm_positions="source" is not supported for {self.model_type} models')
 
     def last_query_attention(self, layer: nn.Module, layer_in: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
                              valid: Tensor) -> Tensor:

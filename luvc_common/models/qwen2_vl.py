@@ -192,5 +192,21 @@ class Qwen2VL(Family):
         """After the prompt, all three M-RoPE axes advance together."""
         return next_position.view(1, -1, 1).expand(3, -1, 1)
 
+    def source_positions(self, positions: Tensor, items: list[list[tuple[Tensor, tuple, tuple]]]) -> Tensor:
+        """M-RoPE puts cell (r, c) of an item starting at s at heights s + r and widths s + c, and the text after it
+        at s + max(t, h, w). Stretch the rows and columns to the source grid (a merged cell at the mean of the
+        source cells it covers) and move everything after the item by the difference of those extents."""
+        out = positions.to(torch.float32, copy=True)
+        for b, row in enumerate(items):
+            for cells, (t, h, w), (_, src_h, src_w) in row:
+                pos = out[:, b, cells]
+                start = pos[1, 0]
+                frames = int(pos[0].max() - start) + 1
+                for axis, n, src in ((1, h, src_h), (2, w, src_w)):
+                    pos[axis] = start + (pos[axis] - start + 0.5) * src / n - 0.5
+                out[:, b, cells] = pos
+                out[:, b, int(cells[-1]) + 1 :] += max(frames, src_h, src_w) - max(frames, h, w)
+        return out
+
 
 FAMILY = Qwen2VL()
