@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -442,13 +443,13 @@ def score(model, batch: dict[str, Tensor], device: torch.device = torch.device("
 def probe_accuracy(model, probe: VisionProbe, batches: list[dict[str, Tensor]], device: torch.device) -> dict[str, float]:
     """The dense heads' accuracy per label kind on the labelled tokens of held-out batches (vision tower only)."""
     model.eval()
-    totals: dict[str, tuple[int, int]] = {}
+    right, total = Counter(), Counter()
     for batch in batches:
         vision_forward(model, batch, device)
-        for name, (right, n) in probe.hits(batch["aux_labels"]).items():
-            totals[name] = (totals.get(name, (0, 0))[0] + right, totals.get(name, (0, 0))[1] + n)
+        for name, (r, n) in probe.hits(batch["aux_labels"]).items():
+            right[name], total[name] = right[name] + r, total[name] + n
     model.train()
-    return {name: right / n for name, (right, n) in totals.items() if n}
+    return {name: right[name] / n for name, n in total.items() if n}
 
 
 def vision_forward(model, batch: dict[str, Tensor], device: torch.device) -> Tensor:
