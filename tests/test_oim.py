@@ -14,10 +14,9 @@ from luvc_common.compression.methods import method_config
 from luvc_common.errors import ConfigError
 from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
-from luvc_common.engine.pipeline import encode
+from luvc_common.engine.pipeline import Pipeline, encode
 from luvc_common.models.family import family_of, get_family
 from luvc_common.engine.language import Request
-from luvc_common.engine.pipeline import Pipeline
 from transformers.vision_utils import get_vision_position_ids
 
 

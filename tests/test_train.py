@@ -111,8 +111,9 @@ def test_bad_recipe_flags_are_rejected(flags, capsys):
     assert f"argument {flags[0]}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("aux", [(), ("--aux-weight", "0.5", "--augment"), ("--pointer-weight", "1", "--pointer-layers", "0,1")],
-                         ids=["plain", "aux", "pointer"])
+@pytest.mark.parametrize("aux", [(), ("--aux-weight", "0.5", "--augment"), ("--pointer-weight", "1", "--pointer-layers", "0,1"),
+                                 ("--aux-weight", "0.5", "--char-slots", "2", "--vision-only")],
+                         ids=["plain", "aux", "pointer", "vision-only"])
 def test_resume_continues_exactly(tmp_path, aux):
     """4 steps in one go == 2 steps, then 2 more resumed (a constant LR after warm-up, so --steps can grow)."""
     const = ("--min-lr-frac", "1", *aux)
@@ -121,7 +122,7 @@ def test_resume_continues_exactly(tmp_path, aux):
     saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     args = args_for("--steps", "4", *const)
     model = build_model(args, build_tokenizer(FAMILY.chat))
-    probe = [VisionProbe(model)] if "--aux-weight" in aux else []
+    probe = [VisionProbe(model, char_slots=args.char_slots)] if "--aux-weight" in aux else []
     opt = build_optimizer(model, args, *probe)
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), *probe) == 2
     for k, s in opt.state_dict()["state"].items():

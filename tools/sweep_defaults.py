@@ -35,14 +35,15 @@ def variants() -> dict:
     v["spu resample"] = replace(base, spu=replace(spu, mode="resample"))
     v["spu gentle (0.5:0.5, 0.75:0)"] = replace(base, spu=replace(spu, stages=((0.5, 0.5), (0.75, 0.0))))
     v["spu late (0.75:0)"] = replace(base, spu=replace(spu, stages=((0.75, 0.0),)))
-    v["spu early (0.25:0.25, 0.5:0.1, 0.75:0)"] = replace(base, spu=replace(spu, stages=((0.25, 0.25), (0.5, 0.1), (0.75, 0.0))))
+    early = ((0.25, 0.25), (0.5, 0.1), (0.75, 0.0))
+    v["spu early (0.25:0.25, 0.5:0.1, 0.75:0)"] = replace(base, spu=replace(spu, stages=early))
     v["OIM + spu late"] = replace(base, spu=SPUConfig(stages=((0.75, 0.0),)))
     source = replace(oim, llm_positions="source")
     v["OIM only, llm positions source"] = replace(base, oim=source, spu=None)
     v["luvc, llm positions source"] = replace(base, oim=source)
     v["oim first axis h, llm positions source"] = replace(base, oim=replace(source, first_axis="h"))
-    v["OIM + spu early, llm positions source"] = replace(base, oim=source, spu=replace(spu, stages=((0.25, 0.25), (0.5, 0.1), (0.75, 0.0))))
-    for stages in (((0.25, 0.25), (0.5, 0.1), (0.75, 0.0)), ((0.25, 0.25), (0.5, 0.0)), ((0.25, 0.1), (0.75, 0.0))):
+    v["OIM + spu early, llm positions source"] = replace(base, oim=source, spu=replace(spu, stages=early))
+    for stages in (early, ((0.25, 0.25), (0.5, 0.0)), ((0.25, 0.1), (0.75, 0.0))):
         label = ", ".join(f"{d}:{r}" for d, r in stages)
         v[f"SPU only ({label})"] = replace(base, oim=None, spu=replace(spu, stages=stages))
     return v

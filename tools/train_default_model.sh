@@ -17,7 +17,9 @@
 #            last stage, which keeps colour and shape above chance (at lr 2e-3 they fell back to their priors);
 #            read drawn twice as often and --char-slots 4 (each visual token's digits in reading order) since the
 #            fourteenth session, whose last kept weights came from 85 minutes of these flags without the ramp
-#            (--curriculum 0, --minutes 85; read still 0: docs/training.md).
+#            (--curriculum 0, --minutes 85; read still 0: docs/training.md). The fifteenth session's kept weights
+#            came from those by a 30-min `--vision-only` stage and 85 more minutes of these flags with --seed 1502
+#            (both commands in docs/training.md; the vision-only stage did not help read, so it is not a stage here).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `mix` stage)

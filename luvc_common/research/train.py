@@ -421,10 +421,15 @@ def _tokenizer():
     return build_tokenizer(FAMILY.chat)
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def forward(model, batch: dict[str, Tensor], device: torch.device):
     """The model's output on `batch`, moved to `device`; bf16 autocast on CUDA, fp32 on CPU."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         return model(**batch)
 
 
@@ -454,7 +459,7 @@ def probe_accuracy(model, probe: VisionProbe, batches: list[dict[str, Tensor]], 
 
 def vision_forward(model, batch: dict[str, Tensor], device: torch.device) -> Tensor:
     """Only the vision tower on `batch`'s images (the VisionProbe's hook catches the merged tokens)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         return FAMILY.vision(model)(batch["pixel_values"].to(device), grid_thw=batch["image_grid_thw"].to(device))
 
 
