@@ -127,7 +127,7 @@ class LLMService:
                 first, t_first = out, t_last
             if out.token_ids:
                 if not tokens:
-                    self.metrics.ttft.labels(spec).observe(t_last - t_start)
+                    self.metrics.ttft.labels(method.method).observe(t_last - t_start)
                 tokens += out.token_ids
                 new = "".join(filter(None, (detokenizer.step(gen.tokenizer.backend_tokenizer, t) for t in out.token_ids)))
                 yield luvc_pb2.GenerateResponse(text=new, token_ids=out.token_ids)
@@ -141,7 +141,7 @@ class LLMService:
         timings = {"encode": encoded.encode_ms, "transfer": max(0.0, round_trip_ms - encoded.encode_ms),
                    "prefill": first.prefill_ms, "decode": result.timings_ms["decode"], "total": (time.perf_counter() - t_start) * 1e3}
         stats = self._stats(result, spec, visual, timings, call)
-        self._record(result, spec, stats)
+        self._record(result, method.method, stats)  # labelled by name: specs are client text, unbounded
         log(self.logger, "generated", request_id=call.request_id, method=spec, prompt_tokens=len(result.prompt_ids),
             new_tokens=len(result.token_ids), llm_per_layer=result.visual_tokens["llm_per_layer"], payload_bytes=stats.payload_bytes,
             batch_size=first.batch_size, **{f"{k}_ms": round(t, 2) for k, t in timings.items()})
@@ -168,12 +168,12 @@ class LLMService:
         finally:
             call.stop.set()  # a no-op once finished; otherwise the engine drops the row
 
-    def _record(self, result: GenerateResult, spec: str, stats: luvc_pb2.GenerateStats) -> None:
+    def _record(self, result: GenerateResult, name: str, stats: luvc_pb2.GenerateStats) -> None:
         m = self.metrics
-        m.prompt_tokens.labels(spec).inc(len(result.prompt_ids))
-        m.generated_tokens.labels(spec).inc(len(result.token_ids))
+        m.prompt_tokens.labels(name).inc(len(result.prompt_ids))
+        m.generated_tokens.labels(name).inc(len(result.token_ids))
         for layer, n in enumerate(result.visual_tokens["llm_per_layer"]):
-            m.visual_tokens.labels(spec, str(layer)).inc(n)
+            m.visual_tokens.labels(name, str(layer)).inc(n)
         m.payload_bytes.labels("llm").inc(stats.payload_bytes)
 
     def _stats(self, result: GenerateResult, spec: str, visual: luvc_pb2.EncodeResponse | None, timings: dict,

@@ -6,6 +6,7 @@ import torch
 import conftest
 
 from luvc_common.compression import baselines as B
+from luvc_common.compression.config import OIMConfig, SPUConfig
 from luvc_common.compression.methods import budgeted, get, method_config, method_spec
 from luvc_common.errors import ConfigError
 from luvc_common.compression.flops import flops_ratio, matched_keep_ratio
@@ -93,10 +94,19 @@ def test_method_specs():
     assert method_config("tome:keep=0.125").baseline.keep_ratio == 0.125
     assert method_config("dart:keep=0.3,layer=0.5").baseline.layer == 0.5
     assert method_config("random:seed=7").baseline.seed == 7
-    for spec in ("none", "luvc", "tome", "dart:keep=0.3,layer=0.5", "random:keep=0.125,seed=7", "visionzip:dominant=0.5"):
+    luvc = method_config("luvc:merges=0.25/0.75,axis=h,llm_positions=source,spu=0.5:0.25/0.75:0,cutoff=0.3,mode=resample")
+    assert luvc.oim == OIMConfig(merge_depths=(0.25, 0.75), first_axis="h", llm_positions="source")
+    assert luvc.spu == SPUConfig(stages=((0.5, 0.25), (0.75, 0.0)), cutoff=0.3, mode="resample")
+    assert method_config("luvc:merges=none").oim is None and method_config("luvc:spu=none").spu is None
+    for spec in ("none", "luvc", "tome", "dart:keep=0.3,layer=0.5", "random:keep=0.125,seed=7", "visionzip:dominant=0.5",
+                 "luvc:merges=none", "luvc:spu=none,positions=grid", "luvc:merges=0.5/0.5,window=gaussian,spu=0.1:0.9/0.2:0"):
         assert method_config(method_spec(method_config(spec))) == method_config(spec)
+    assert method_spec(luvc) == "luvc:merges=0.25/0.75,axis=h,llm_positions=source,spu=0.5:0.25/0.75:0.0,cutoff=0.3,mode=resample"
     for bad, words in [("tome:keep=0", "keep_ratio"), ("luvc:keep=0.5", "name[:key=value"), ("fastv:bogus=1", "keys"),
-                       ("pool:keep=half", "not a float"), ("tomee", "one of")]:
+                       ("pool:keep=half", "not a number"), ("tomee", "one of"), ("luvc:merges=", "depths joined"),
+                       ("luvc:spu=0.5", "stages joined"), ("luvc:spu=0.5:0.5", "keep_ratio 0"), ("luvc:axis=t", "oim.first_axis"),
+                       ("luvc:merges=none,axis=h", "merges=none turns oim off, so axis"), ("luvc:cutoff=nan", "spu.cutoff"),
+                       ("luvc:merges=" + "/".join(["0.5"] * 17), "1 to 16 steps")]:
         with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
             method_config(bad)
 

@@ -7,7 +7,7 @@ import pytest
 
 from luvc_common.cli import main
 from luvc_common.compression.config import SPUConfig
-from luvc_common.compression.methods import budget_unset, method_config
+from luvc_common.compression.methods import budget_unset, method_config, split_specs
 from luvc_common.research.evaluate import _runs, config_label, evaluate, score, synthvqa_split
 from luvc_common.compression.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
 from luvc_common.research.synthvqa import TASKS, load_jsonl, write_dataset
@@ -40,16 +40,23 @@ def test_score_normalises_and_splits_by_task():
         score(["color"], ["a", "b"], ["a"])
 
 
-def test_config_labels_name_what_differs():
+def test_config_labels_are_the_specs_that_make_them():
     assert config_label(method_config("luvc")) == "luvc"
-    assert config_label(method_config("luvc", spu=None)) == "luvc[spu=off]"
-    assert "spu.mode=resample" in config_label(method_config("luvc", spu=SPUConfig(mode="resample")))
-    assert config_label(method_config("none", spu=SPUConfig())) == "none[spu=on]"
+    assert config_label(method_config("luvc", spu=None)) == "luvc:spu=none"
+    assert config_label(method_config("luvc", spu=SPUConfig(mode="resample"))) == "luvc:mode=resample"
+    assert config_label(method_config("tome:keep=0.125")) == "tome:keep=0.125"
+    assert config_label(method_config("none", spu=SPUConfig())) == "none[spu=on]"  # no spec reaches it
+
+
+def test_a_list_of_specs_splits_between_methods_not_between_their_knobs():
+    text = "none, dart:keep=0.25,layer=0.1,luvc:spu=0.5:0.25/0.75:0,cutoff=0.3,tome,random:seed=3"
+    assert split_specs(text) == ["none", "dart:keep=0.25,layer=0.1", "luvc:spu=0.5:0.25/0.75:0,cutoff=0.3", "tome", "random:seed=3"]
+    assert split_specs("luvc,,pool") == ["luvc", "pool"]
 
 
 def test_none_always_runs_first():
     runs = _runs([method_config("luvc"), method_config("luvc", spu=None)])
-    assert list(runs) == ["none", "luvc", "luvc[spu=off]"] and runs["none"] == method_config("none")
+    assert list(runs) == ["none", "luvc", "luvc:spu=none"] and runs["none"] == method_config("none")
     assert list(_runs({"base": method_config("none"), "b1": method_config("luvc")})) == ["base", "b1"]
     with pytest.raises(ValueError):
         _runs({"none": method_config("luvc")})

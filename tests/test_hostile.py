@@ -94,7 +94,9 @@ CASES = {
     "20 KB method": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="tome:" + "k" * 20000), INVALID, "method"),
     "repeated method option": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="tome:keep=0.5,keep=0.25"), INVALID, "repeated"),
     "65-bit random seed": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method=f"random:seed={2**65}"), INVALID, "seed"),
-    "non-numeric budget": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="fastv:keep=lots"), INVALID, "not a float"),
+    "non-numeric budget": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="fastv:keep=lots"), INVALID, "not a number"),
+    "17 OIM merge steps": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="luvc:merges=" + "/".join(["0"] * 17)), INVALID, "1 to 16 steps"),
+    "OIM knobs with OIM off": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="luvc:merges=none,axis=h"), INVALID, "turns oim off"),
     # media
     "aspect ratio 100000:1": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_png(100000, 1))]), INVALID, "aspect ratio"),
     "truncated PNG (header intact)": (lambda c, e: c.generate(PROMPT, [luvc_pb2.Media(image=_png(300, 300)[:-30])]), INVALID, "unreadable image"),

@@ -152,6 +152,8 @@ def test_merging_changes_features_only_where_merged(tower):
     [
         ({"merge_depths": (1.5,)}, "oim.merge_depths"),
         ({"merge_depths": (0.8, 0.2)}, "oim.merge_depths"),
+        ({"merge_depths": ()}, "oim.merge_depths"),
+        ({"merge_depths": (0.5,) * 17}, "oim.merge_depths"),
         ({"first_axis": "t"}, "oim.first_axis"),
         ({"positions": "median"}, "oim.positions"),
         ({"llm_positions": "grid"}, "oim.llm_positions"),

@@ -57,7 +57,7 @@ def encoder_client(stack):
         yield c
 
 
-@pytest.mark.parametrize("method", ["none", "luvc", "tome:keep=0.5", "random:keep=0.3", "fastv"])
+@pytest.mark.parametrize("method", ["none", "luvc", "luvc:merges=0.25/0.75,spu=0.5:0.25/0.75:0", "tome:keep=0.5", "random:keep=0.3", "fastv"])
 def test_answer_equals_in_process_generate(stack, client, tiny_qwen2vl, demo_image, demo_video, method):
     local = Pipeline(ModelConfig(tiny_qwen2vl)).generate([demo_image, demo_video], PROMPT, method_config(method), 8)
     remote = client.generate(PROMPT, [image_file(DEMO), video_dir(conftest.ASSETS / "demo_video")], method=method,
@@ -77,10 +77,11 @@ def _metrics(service: Service) -> dict[tuple, float]:
 
 
 def test_metrics_move_as_requests_run(stack, client):
-    """Counters on both services' /metrics grow by what one answered and one refused request did."""
+    """Counters on both services' /metrics grow by what one answered and one refused request did, labelled by
+    the method's name, not the client's spec text (unbounded label values)."""
     encoder, llm = stack
     before_llm, before_encoder = _metrics(llm), _metrics(encoder)
-    stats = client.generate(PROMPT, [image_file(DEMO)], method="luvc", max_new_tokens=6, timeout=60)
+    stats = client.generate(PROMPT, [image_file(DEMO)], method="luvc:cutoff=0.3", max_new_tokens=6, timeout=60)
     assert _code(lambda: client.generate("", [image_file(DEMO)], timeout=60))[0] == grpc.StatusCode.INVALID_ARGUMENT
     after_llm, after_encoder = _metrics(llm), _metrics(encoder)
 

@@ -71,6 +71,7 @@ def test_stage_layers_resolve_and_reject_collisions():
         ({"stages": ((0.5, 0.5), (0.4, 0.0))}, "depth"),
         ({"stages": ((1.0, 0.0),)}, "depth"),
         ({"stages": ()}, "spu.stages"),
+        ({"stages": tuple((0.01 * i, 0.0) for i in range(1, 18))}, "spu.stages"),
         ({"cutoff": 0.0}, "spu.cutoff"),
         ({"cutoff": 1.5}, "spu.cutoff"),
         ({"window": "hann"}, "spu.window"),
@@ -106,6 +107,16 @@ def test_counts_follow_schedule_and_text_is_untouched(pipeline, demo_image, demo
     # each layer's KV cache holds exactly the tokens that reached it
     cached = [layer.keys.shape[2] for layer in state.cache.layers]
     assert cached == [n_text + nv for nv in expected_visual]
+
+
+def test_a_luvc_spec_sets_the_merges_and_the_cascade(pipeline, demo_image):
+    none = pipeline.generate([demo_image], "What color is the circle?", method_config("none"), 1).visual_tokens
+    spec = pipeline.generate([demo_image], "What color is the circle?", method_config("luvc:merges=none,spu=0.5:0.25/0.75:0"), 1)
+    n = none["encoder_out"]
+    assert spec.visual_tokens["encoder_out"] == n  # no OIM: the tower's full output crosses
+    assert spec.visual_tokens["llm_per_layer"] == [n, n, round(0.25 * n), 0]
+    two = pipeline.generate([demo_image], "What color is the circle?", method_config("luvc:merges=0.25/0.75,spu=none"), 1)
+    assert two.visual_tokens["llm_per_layer"] == [two.visual_tokens["encoder_out"]] * 4 and two.visual_tokens["encoder_out"] <= n // 4
 
 
 def _request(ids, encoded):

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from luvc_common.config import check_field
 
+MAX_STEPS = 16
+"""Most OIM merge steps, and most SPU stages (a 16th merge step leaves a 1/65536 grid)."""
+
 
 @dataclass(frozen=True)
 class OIMConfig:
@@ -32,6 +35,7 @@ class OIMConfig:
     def __post_init__(self) -> None:
         d = tuple(float(x) for x in self.merge_depths)
         object.__setattr__(self, "merge_depths", d)
+        check_field(0 < len(d) <= MAX_STEPS, "oim.merge_depths", d, f"1 to {MAX_STEPS} steps (OIM off: oim=None, spec merges=none)")
         check_field(all(0.0 <= x <= 1.0 for x in d), "oim.merge_depths", d, "values in [0, 1]")
         check_field(list(d) == sorted(d), "oim.merge_depths", d, "non-decreasing values")
         check_field(self.first_axis in ("w", "h"), "oim.first_axis", self.first_axis, '"w" or "h"')
@@ -59,7 +63,7 @@ class SPUConfig:
     def __post_init__(self) -> None:
         s = tuple((float(d), float(r)) for d, r in self.stages)
         object.__setattr__(self, "stages", s)
-        check_field(len(s) > 0, "spu.stages", s, "at least one (depth, keep_ratio) stage")
+        check_field(0 < len(s) <= MAX_STEPS, "spu.stages", s, f"1 to {MAX_STEPS} (depth, keep_ratio) stages")
         depths, ratios = [d for d, _ in s], [r for _, r in s]
         check_field(all(0.0 < d < 1.0 for d in depths), "spu.stages depth", depths, "values in (0, 1)")
         check_field(all(a < b for a, b in zip(depths, depths[1:])), "spu.stages depth", depths, "strictly increasing")

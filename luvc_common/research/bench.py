@@ -28,7 +28,7 @@ from pathlib import Path
 from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import DEFAULT_MODEL
 from luvc_common.compression.config import CompressionConfig
-from luvc_common.compression.methods import budget_unset, method_config, method_spec
+from luvc_common.compression.methods import budget_unset, method_config, method_spec, split_specs
 from luvc_common.research.evaluate import int_at_least, positive_int
 
 
@@ -241,7 +241,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    specs = split_specs(args.methods)
     for s in specs:
         method_config(s)  # a bad spec fails before any model is built
     report = bench(args.shape, specs, args.repeats, args.image_size, args.decode_tokens, args.wire_dtype, Path(args.cache), args.threads)

@@ -27,7 +27,7 @@ from pathlib import Path
 from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import DEFAULT_MODEL
 from luvc_common.compression.config import CompressionConfig, OIMConfig
-from luvc_common.compression.methods import NAMES, budget_unset, get, method_config, method_spec
+from luvc_common.compression.methods import NAMES, budget_unset, get, method_config, method_spec, split_specs
 from luvc_common.errors import UserError
 
 VALIDATION_SEED, TEST_SEED, TEST_N = 2000, 3000, 600
@@ -35,7 +35,7 @@ VALIDATION_SEED, TEST_SEED, TEST_N = 2000, 3000, 600
 i < 600 of seed 3000 (100 per task); validation (seed 2000) is for choosing defaults."""
 SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
-SWEEP_LUVC = (OIMConfig(merge_depths=()), OIMConfig(), OIMConfig(merge_depths=(0.25, 0.75)))
+SWEEP_LUVC = (None, OIMConfig(), OIMConfig(merge_depths=(0.25, 0.75)))
 """luvc's --sweep points: 0, 1 (the default) or 2 OIM merge steps, each with the default SPU cascade."""
 
 
@@ -59,10 +59,11 @@ def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[st
 
 
 def config_label(cfg: CompressionConfig) -> str:
-    """The method name for its default configuration, else `method[knob=value, ...]` naming what differs
-    (baselines: their method spec, e.g. "tome:keep=0.125")."""
-    if get(cfg.method).budgeted:
-        return method_spec(cfg)
+    """The config's method spec ("luvc", "tome:keep=0.125", "luvc:merges=none"), or for a config no spec
+    reaches (an in-process "none" with SPU on), `method[knob=value, ...]` naming what differs from its default."""
+    spec = method_spec(cfg)
+    if method_config(spec) == cfg:
+        return spec
     default, diffs = method_config(cfg.method), []
     for part in ("oim", "spu"):
         mine, ref = getattr(cfg, part), getattr(default, part)
@@ -271,7 +272,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    f"(make_example({TEST_SEED}, i), i < {TEST_N}, 100 per task), generated in memory")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local HF checkpoint directory")
     p.add_argument("--methods", default="none,luvc", help=f"comma-separated method specs: names from {list(NAMES)}, "
-                   "baselines optionally with a budget (tome:keep=0.25); a baseline without one gets --match's FLOPs ratio")
+                   "baselines optionally with a budget (tome:keep=0.25), luvc with its knobs (luvc:merges=none); "
+                   "a baseline without a budget gets --match's FLOPs ratio")
     p.add_argument("--match", default="luvc", help="method whose theoretical LLM FLOPs ratio budget-less baselines are given")
     p.add_argument("--sweep", action="store_true", help=f"every baseline at keep ratios {list(SWEEP_KEEP)}, luvc at "
                    "0, 1 (default) and 2 OIM merge steps: one curve per method in the plot")
@@ -290,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         examples = load_jsonl(args.data) if args.data else synthvqa_split()
     except (OSError, ValueError) as e:
         raise UserError(f"--data: {e}") from None
-    specs = [name.strip() for name in args.methods.split(",") if name.strip()]
+    specs = split_specs(args.methods)
     configs = expand_methods(specs, args.sweep)
     budgetless = [] if args.sweep else [i for i, spec in enumerate(specs) if budget_unset(spec)]
     if budgetless:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from luvc_common.errors import ConfigError, shorten
 
@@ -22,7 +22,37 @@ MODULES = {"none": "none", "luvc": "luvc", "tome": "tome", "visionzip": "visionz
 NAMES = tuple(MODULES)
 MAX_SPEC_CHARS = 200
 """Longest method spec accepted."""
-_KINDS = {"keep_ratio": float, "layer": float, "dominant": float, "seed": int}
+
+
+def _floats(text: str) -> tuple[float, ...] | None:
+    return None if text == "none" else tuple(float(v) for v in text.split("/"))
+
+
+def _stages(text: str) -> tuple[tuple[float, float], ...] | None:
+    if text == "none":
+        return None
+    pairs = tuple(tuple(float(v) for v in stage.split(":")) for stage in text.split("/"))
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(text)
+    return pairs
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "/".join(":".join(map(repr, v)) if isinstance(v, tuple) else repr(v) for v in value)
+    return value if isinstance(value, str) else repr(value)
+
+
+_KINDS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "keep_ratio": (float, "number"), "layer": (float, "number"), "dominant": (float, "number"), "seed": (int, "integer"),
+    "merge_depths": (_floats, '"none" or depths joined by "/"'), "first_axis": (str, "word"),
+    "positions": (str, "word"), "llm_positions": (str, "word"),
+    "stages": (_stages, '"none" or depth:keep_ratio stages joined by "/"'), "cutoff": (float, "number"),
+    "window": (str, "word"), "mode": (str, "word"),
+}
+"""Config field a spec key sets -> (parser of its text, what the text must be)."""
 
 
 def get(name: str) -> Method:
@@ -55,11 +85,25 @@ def method_config(spec: str, **overrides: Any) -> CompressionConfig:
         field_name = method.spec_keys[key]
         if field_name in knobs:
             raise ConfigError(f"method={shorten(repr(spec))} is invalid: expected each key at most once ({key} is repeated)")
+        parse, kind = _KINDS[field_name]
         try:
-            knobs[field_name] = _KINDS[field_name](value)
+            knobs[field_name] = parse(value.strip())
         except ValueError:
-            raise ConfigError(f"method={shorten(repr(spec))}: {key}={shorten(repr(value))} is not a {_KINDS[field_name].__name__}") from None
+            raise ConfigError(f"method={shorten(repr(spec))}: {key}={shorten(repr(value))} is not a {kind}") from None
     return replace(method.config(**knobs), **overrides)
+
+
+def split_specs(text: str) -> list[str]:
+    """Comma-separated method specs, where a spec's own knobs are comma-separated too: a piece whose
+    first "=" comes before any ":" is a knob of the spec before it ("none,dart:keep=0.25,layer=0.1,luvc")."""
+    specs: list[str] = []
+    for piece in filter(None, (p.strip() for p in text.split(","))):
+        eq, colon = piece.find("="), piece.find(":")
+        if specs and eq >= 0 and (colon < 0 or eq < colon):
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
 
 
 def budget_unset(spec: str) -> bool:
@@ -69,10 +113,9 @@ def budget_unset(spec: str) -> bool:
 
 
 def method_spec(cfg: CompressionConfig) -> str:
-    """The spec string that method_config parses back to `cfg`'s method and baseline knobs."""
-    if cfg.baseline is None:
-        return cfg.method
-    method, default = get(cfg.method), type(cfg.baseline)()
-    knobs = [f"{key}={getattr(cfg.baseline, name)!r}" for key, name in method.spec_keys.items()
-             if getattr(cfg.baseline, name) != getattr(default, name)]
+    """The spec string that method_config parses back to `cfg`'s method and knobs (those its spec keys reach)."""
+    method = get(cfg.method)
+    mine, default = method.knobs(cfg), method.knobs(method.config())
+    knobs = [f"{key}={_show(mine[name])}" for key, name in method.spec_keys.items()
+             if name in mine and (name not in default or mine[name] != default[name])]
     return f"{cfg.method}:{','.join(knobs)}" if knobs else cfg.method

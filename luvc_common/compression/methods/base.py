@@ -170,11 +170,15 @@ class Method:
     budgeted: ClassVar[bool] = False
     """Takes a token budget (BaselineConfig.keep_ratio), which eval and bench can match to a FLOPs ratio."""
     spec_keys: ClassVar[dict[str, str]] = {}
-    """Spec key -> BaselineConfig field it sets ("fastv:keep=0.25,layer=0.1")."""
+    """Spec key -> config field it sets ("fastv:keep=0.25,layer=0.1", "luvc:merges=0.25/0.5,cutoff=0.3")."""
 
     def config(self, **knobs) -> CompressionConfig:
-        """The method's default configuration, with BaselineConfig fields set from a spec."""
+        """The method's default configuration, with the config fields a spec set (field name -> value)."""
         return CompressionConfig(method=self.name, oim=None, spu=None)
+
+    def knobs(self, cfg: CompressionConfig) -> dict[str, object]:
+        """Field name -> value in `cfg` of the fields the spec keys set (the inverse of `config`)."""
+        return {}
 
     @property
     def in_encoder(self) -> bool:
@@ -207,6 +211,9 @@ class Baseline(Method):
 
     def config(self, **knobs) -> CompressionConfig:
         return CompressionConfig(method=self.name, oim=None, spu=None, baseline=BaselineConfig(**knobs))
+
+    def knobs(self, cfg: CompressionConfig) -> dict[str, object]:
+        return {name: getattr(cfg.baseline, name) for name in self.spec_keys.values()}
 
     def budget(self, cfg: CompressionConfig, keep_ratio: float) -> CompressionConfig:
         return replace(cfg, baseline=replace(cfg.baseline, keep_ratio=round(keep_ratio, 4)))

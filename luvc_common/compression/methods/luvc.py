@@ -1,14 +1,19 @@
 """LUVC: OIM merge steps between vision blocks (DESIGN 2.1), the SPU cascade between decoder layers (DESIGN 2.2)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
 from luvc_common.compression import spu
-from luvc_common.compression.config import CompressionConfig, SPUConfig
+from luvc_common.compression.config import CompressionConfig, OIMConfig, SPUConfig
 from luvc_common.compression.methods.base import (DECODER_LAYERS, VISION_BLOCKS, LayerInputs, LayerPruner, Method, Row,
                                                   keep_members, members)
+from luvc_common.errors import ConfigError
+
+PARTS = {"oim": (OIMConfig, "merge_depths"), "spu": (SPUConfig, "stages")}
+"""Part -> (its config class, the field whose spec value "none" turns the part off)."""
 
 
 class SPUCascade(LayerPruner):
@@ -73,9 +78,30 @@ class SPUCascade(LayerPruner):
 @dataclass(frozen=True)
 class LUVC(Method):
     acts: tuple[str, ...] = (VISION_BLOCKS, DECODER_LAYERS)
+    spec_keys: ClassVar[dict[str, str]] = {
+        "merges": "merge_depths", "axis": "first_axis", "positions": "positions", "llm_positions": "llm_positions",
+        "spu": "stages", "cutoff": "cutoff", "window": "window", "mode": "mode",
+    }
 
     def config(self, **knobs) -> CompressionConfig:
-        return CompressionConfig(method=self.name)
+        parts, key = {}, {name: k for k, name in self.spec_keys.items()}
+        for part, (cls, switch) in PARTS.items():
+            mine = {f.name: knobs[f.name] for f in fields(cls) if f.name in knobs}
+            if switch in mine and mine[switch] is None:
+                if len(mine) > 1:
+                    others = ", ".join(key[name] for name in mine if name != switch)
+                    raise ConfigError(f"method luvc: {key[switch]}=none turns {part} off, so {others} cannot be set")
+                parts[part] = None
+            else:
+                parts[part] = cls(**mine)
+        return CompressionConfig(method=self.name, **parts)
+
+    def knobs(self, cfg: CompressionConfig) -> dict[str, object]:
+        values: dict[str, object] = {}
+        for part, (_, switch) in PARTS.items():
+            config = getattr(cfg, part)
+            values.update({f.name: getattr(config, f.name) for f in fields(config)} if config else {switch: None})
+        return values
 
     def pruner(self, cfg: CompressionConfig, num_layers: int) -> SPUCascade | None:
         return SPUCascade(cfg.spu, num_layers) if cfg.spu else None
