@@ -1,5 +1,7 @@
 """Baseline methods: the pure decisions, their budgets on real (tiny) models, and equality with
 "none" at a full budget."""
+from dataclasses import fields
+
 import pytest
 import torch
 
@@ -98,6 +100,7 @@ def test_method_specs():
     assert luvc.oim == OIMConfig(merge_depths=(0.25, 0.75), first_axis="h", llm_positions="source")
     assert luvc.spu == SPUConfig(stages=((0.5, 0.25), (0.75, 0.0)), cutoff=0.3, mode="resample")
     assert method_config("luvc:merges=none").oim is None and method_config("luvc:spu=none").spu is None
+    assert set(get("luvc").spec_keys.values()) == {f.name for f in fields(OIMConfig) + fields(SPUConfig)}  # every knob
     for spec in ("none", "luvc", "tome", "dart:keep=0.3,layer=0.5", "random:keep=0.125,seed=7", "visionzip:dominant=0.5",
                  "luvc:merges=none", "luvc:spu=none,positions=grid", "luvc:merges=0.5/0.5,window=gaussian,spu=0.1:0.9/0.2:0"):
         assert method_config(method_spec(method_config(spec))) == method_config(spec)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from luvc_common.config import check_field
 
 MAX_STEPS = 16
-"""Most OIM merge steps, and most SPU stages (a 16th merge step leaves a 1/65536 grid)."""
+"""Most OIM merge steps, and most SPU stages: a bound on client-chosen work (each merge step halves an axis, down to
+one projector unit, so a few steps already reach any real grid's floor)."""
 
 
 @dataclass(frozen=True)

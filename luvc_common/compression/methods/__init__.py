@@ -47,12 +47,11 @@ def _show(value: Any) -> str:
 
 _KINDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "keep_ratio": (float, "number"), "layer": (float, "number"), "dominant": (float, "number"), "seed": (int, "integer"),
-    "merge_depths": (_floats, '"none" or depths joined by "/"'), "first_axis": (str, "word"),
-    "positions": (str, "word"), "llm_positions": (str, "word"),
-    "stages": (_stages, '"none" or depth:keep_ratio stages joined by "/"'), "cutoff": (float, "number"),
-    "window": (str, "word"), "mode": (str, "word"),
+    "cutoff": (float, "number"), "merge_depths": (_floats, '"none" or depths joined by "/"'),
+    "stages": (_stages, '"none" or depth:keep_ratio stages joined by "/"'),
 }
-"""Config field a spec key sets -> (parser of its text, what the text must be)."""
+"""Config field a spec key sets -> (parser of its text, what the text must be); other fields take the text as is
+(the config validates the word)."""
 
 
 def get(name: str) -> Method:
@@ -85,7 +84,7 @@ def method_config(spec: str, **overrides: Any) -> CompressionConfig:
         field_name = method.spec_keys[key]
         if field_name in knobs:
             raise ConfigError(f"method={shorten(repr(spec))} is invalid: expected each key at most once ({key} is repeated)")
-        parse, kind = _KINDS[field_name]
+        parse, kind = _KINDS.get(field_name, (str, "word"))
         try:
             knobs[field_name] = parse(value.strip())
         except ValueError:
@@ -117,5 +116,5 @@ def method_spec(cfg: CompressionConfig) -> str:
     method = get(cfg.method)
     mine, default = method.knobs(cfg), method.knobs(method.config())
     knobs = [f"{key}={_show(mine[name])}" for key, name in method.spec_keys.items()
-             if name in mine and (name not in default or mine[name] != default[name])]
+             if name in mine and mine[name] != default.get(name)]
     return f"{cfg.method}:{','.join(knobs)}" if knobs else cfg.method
