@@ -15,10 +15,10 @@ from luvc_common.errors import ConfigError
 from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
-from luvc_common.research.train import (FAMILY, AttentionPointer, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer,
+from luvc_common.research.train import (FAMILY, AttentionPointer, QuestionProbe, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer,
                                         covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, make_batch, recipe_at,
                                         grid_thirds, score, token_cells, token_labels, train)
-from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
+from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, SHAPES, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
@@ -112,8 +112,9 @@ def test_bad_recipe_flags_are_rejected(flags, capsys):
 
 
 @pytest.mark.parametrize("aux", [(), ("--aux-weight", "0.5", "--augment"), ("--pointer-weight", "1", "--pointer-layers", "0,1"),
-                                 ("--aux-weight", "0.5", "--char-slots", "2", "--vision-only")],
-                         ids=["plain", "aux", "pointer", "vision-only"])
+                                 ("--aux-weight", "0.5", "--char-slots", "2", "--vision-only"),
+                                 ("--aux-weight", "0.5", "--question-weight", "1", "--question-layer", "1")],
+                         ids=["plain", "aux", "pointer", "vision-only", "question"])
 def test_resume_continues_exactly(tmp_path, aux):
     """4 steps in one go == 2 steps, then 2 more resumed (a constant LR after warm-up, so --steps can grow)."""
     const = ("--min-lr-frac", "1", *aux)
@@ -122,9 +123,11 @@ def test_resume_continues_exactly(tmp_path, aux):
     saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     args = args_for("--steps", "4", *const)
     model = build_model(args, build_tokenizer(FAMILY.chat))
-    probe = [VisionProbe(model, char_slots=args.char_slots)] if "--aux-weight" in aux else []
-    opt = build_optimizer(model, args, *probe)
-    assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), *probe) == 2
+    heads = {"probe": VisionProbe(model, char_slots=args.char_slots)} if args.aux_weight else {}
+    if args.question_weight:
+        heads["question"] = QuestionProbe(model, args.question_layer)
+    opt = build_optimizer(model, args, *heads.values())
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), heads) == 2
     for k, s in opt.state_dict()["state"].items():
         assert all(torch.equal(s[name], saved["optimizer"]["state"][k][name]) for name in ("exp_avg", "exp_avg_sq", "step"))
     train(args_for("--out", str(tmp_path / "b"), "--steps", "4", "--resume", *const))
@@ -248,6 +251,50 @@ def test_the_pointer_loss_teaches_the_head_and_leaves_the_export_stock(tmp_path)
     assert Qwen2VLForConditionalGeneration.from_pretrained(out).config.text_config._attn_implementation != "eager"
 
 
+def test_question_targets_name_what_each_turn_asks():
+    """One target per turn, at the position that predicts its first answer token; the classes are the colour and
+    shape words of that turn's question (0 when it names none)."""
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(224 * 224)
+    for index in range(12):
+        item = encode_example(1000, index, tokenizer, processor, Recipe(questions=3, question=True))
+        ids, labels = item["ids"], item["labels"]
+        starts = [0] + [i + 1 for i in range(len(ids) - 1) if labels[i] != -100 and labels[i + 1] == -100]  # each turn's prompt
+        assert len(item["questions"]) == sum(labels[i] == -100 and labels[i + 1] != -100 for i in range(len(ids) - 1))
+        for query, colour, shape in item["questions"]:
+            assert labels[query] == -100 and labels[query + 1] != -100
+            words = tokenizer.convert_ids_to_tokens(ids[max(i for i in starts if i <= query):query])
+            named_colour = [c for c in COLORS if c in words]
+            named_shape = [s for s in SHAPES if any(w in (s, s + "s") for w in words)]
+            assert colour == (1 + list(COLORS).index(named_colour[0]) if named_colour else 0), (words, colour)
+            assert shape == (1 + SHAPES.index(named_shape[0]) if named_shape else 0), (words, shape)
+        if item["task"] in ("read", "chart"):
+            assert all(c == s == 0 for _, c, s in item["questions"])
+
+
+def test_the_question_loss_teaches_the_layer_and_is_not_exported(tmp_path):
+    args, tokenizer = args_for("--question-weight", "1", "--question-layer", "0"), build_tokenizer(FAMILY.chat)
+    model = build_model(args, tokenizer)
+    question = QuestionProbe(model, args.question_layer)
+    batch, _ = make_batch(args.seed, range(8), tokenizer, image_processor(args.max_pixels), Recipe(tasks=("color", "shape"), question=True))
+    targets = [batch.pop(k) for k in ("question_rows", "question_queries", "question_labels")]
+    opt = torch.optim.AdamW([*model.parameters(), *question.parameters()], lr=1e-3)
+    losses = []
+    for _ in range(20):
+        model(**batch)
+        loss = question.loss(*targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], [round(v, 2) for v in losses]
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "2", "--question-weight", "1", "--export", str(out)))
+    assert "question_loss" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["question"]["colour.weight"].shape == (1 + len(COLORS), 256)
+    _, info = Qwen2VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+
+
 def test_grid_thirds_are_the_position_answers_of_each_token():
     thirds = grid_thirds(torch.tensor([[1, 6, 12], [2, 4, 4]]))  # 3 x 6 tokens, then 2 frames of 2 x 2
     assert thirds[:18].reshape(3, 6).tolist() == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6, 7, 7, 8, 8]]
@@ -275,7 +322,9 @@ def test_the_balanced_probe_weighs_objects_like_the_background():
                                             (["--char-slots", "2"], "need --aux-weight"),
                                             (["--aux-weight", "1", "--cell-layer", "5"], "--cell-layer 5: the LLM has 2 layers"),
                                             (["--vision-only"], "needs --aux-weight"),
-                                            (["--vision-only", "--aux-weight", "1", "--pointer-weight", "1"], "excludes --pointer-weight")])
+                                            (["--vision-only", "--aux-weight", "1", "--pointer-weight", "1"], "excludes --pointer-weight"),
+                                            (["--vision-only", "--aux-weight", "1", "--question-weight", "1"], "--question-weight"),
+                                            (["--question-weight", "1", "--question-layer", "2"], "--question-layer 2: the LLM has 2 layers")])
 def test_dense_loss_options_without_their_loss_or_layer_are_user_errors(tmp_path, capsys, flags, message):
     assert main(["train", "--out", str(tmp_path), *TINY, "--steps", "1", *flags]) == 2
     assert message in capsys.readouterr().err

@@ -37,7 +37,7 @@ from luvc_common.models.family import get_family
 from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
-from luvc_common.research.synthvqa import (CHARS, LABEL_MAPS, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, evidence,
+from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, SHAPES, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, evidence,
                                            jitter_scene, label_maps, make_example, question_text, random_look, render,
                                            scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
@@ -101,6 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="weight of the attention-pointer loss (training only: head 0 of --pointer-layers is taught to look "
                         "where each answer is drawn; 0: off)")
     p.add_argument("--pointer-layers", type=_layers, default=(1, 2), metavar="L,L", help="LLM layers whose head 0 the pointer loss teaches")
+    p.add_argument("--question-weight", type=float, default=0.0,
+                   help="weight of the question loss (training only: at the position that predicts each answer, the output "
+                        "of --question-layer learns which colour and shape the question names; 0: off)")
+    p.add_argument("--question-layer", type=int, default=0, help="LLM layer whose output the question loss teaches")
     p.add_argument("--aux-balanced", action="store_true",
                    help="weigh each dense label kind's background and labelled tokens equally (objects are few tokens)")
     p.add_argument("--char-slots", type=int_at_least(0), default=0,
@@ -237,6 +241,36 @@ class AttentionPointer:
         return -(torch.stack(mass) + 1e-6).log().mean()  # + eps, not a clamp: no mass is too small to get a gradient
 
 
+class QuestionProbe(torch.nn.Module):
+    """Training-only linear heads that teach an LLM layer's output, at the position that predicts a turn's first
+    answer token, which colour and which shape the question names (class 0: none named). Attention from there can
+    only pick the object asked about once that position knows what was asked; on the fifteenth session's weights the
+    asked shape was barely readable there (docs/training.md), and heads looked at every object alike. Not exported."""
+
+    def __init__(self, model, layer: int):
+        super().__init__()
+        hidden = model.config.text_config.hidden_size
+        self.colour, self.shape = torch.nn.Linear(hidden, 1 + len(COLORS)), torch.nn.Linear(hidden, 1 + len(SHAPES))
+        self.hidden: Tensor | None = None
+        decoder_layers(model, (layer,), "--question-layer")[0].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, rows: Tensor, queries: Tensor, labels: Tensor) -> Tensor:
+        """rows, queries (Q,): batch row and position of each turn's first answer prediction; labels (Q, 2): the
+        named colour and shape classes."""
+        h = self.hidden[rows.to(self.hidden.device), queries.to(self.hidden.device)].float()
+        h = F.layer_norm(h, h.shape[-1:])  # the residual stream's scale is in the hundreds: raw, it starts at a loss of ~25
+        labels = labels.to(h.device)
+        return (F.cross_entropy(self.colour(h), labels[:, 0]) + F.cross_entropy(self.shape(h), labels[:, 1])) / 2
+
+
+def question_labels(spec: QuestionSpec) -> tuple[int, int]:
+    """The colour and shape a question names, as QuestionProbe classes (0: not named)."""
+    return (1 + list(COLORS).index(spec.color) if spec.color else 0, 1 + SHAPES.index(spec.shape) if spec.shape else 0)
+
+
 def build_optimizer(model, args: argparse.Namespace, *extra: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW over the model's (and extra modules') parameters; no weight decay on biases and norms."""
     params = [p for m in (model, *extra) for p in m.parameters()]
@@ -276,6 +310,8 @@ class Recipe:
     """Also return the AttentionPointer's targets: per answer token, the visual tokens where it is drawn."""
     char_slots: int = 0
     """With dense: token_labels' reading-order characters per token."""
+    question: bool = False
+    """Also return the QuestionProbe's targets: per turn, where its first answer is predicted and what it names."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
@@ -283,7 +319,7 @@ def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
     return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0,
-                  args.char_slots)
+                  args.char_slots, args.question_weight > 0)
 
 
 MIN_COVER = 0.02
@@ -352,11 +388,13 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     for spec in extra_questions(ex, recipe.questions - 1, rng):
         turn = tokenizer("\n" + chat_turn(FAMILY.chat, question_text(spec)), add_special_tokens=False)["input_ids"]
         turns.append((turn, spec))
-    pointers = []
+    pointers, questions = [], []
     cell, n_cells, min_pixels = token_cells(scene, grid, processor.merge_size)
     first_image = prompt.index(tokenizer.convert_tokens_to_ids(FAMILY.chat.image))
     for prompt_ids, spec in turns:
         answer_ids = tokenizer(answer_for(ex.scene, spec), add_special_tokens=False)["input_ids"]
+        if recipe.question:
+            questions.append((len(ids) + len(prompt_ids) - 1, *question_labels(spec)))
         if recipe.pointer:
             masks = evidence(scene, spec, look)
             for j in range(len(answer_ids) if masks else 0):  # the query before answer token j looks at its evidence
@@ -371,6 +409,8 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
         item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size, recipe.char_slots)
     if recipe.pointer:
         item["pointers"] = pointers
+    if recipe.question:
+        item["questions"] = questions
     return item
 
 
@@ -394,6 +434,10 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict[str, Te
         batch["pointer_keys"] = torch.zeros((len(pointers), width))
         for row, (_, _, keys) in enumerate(pointers):
             batch["pointer_keys"][row, torch.from_numpy(keys)] = 1.0
+    if "questions" in items[0]:
+        questions = [(i, *q) for i, it in enumerate(items) for q in it["questions"]]
+        batch["question_rows"], batch["question_queries"] = (torch.tensor([q[k] for q in questions], dtype=torch.long) for k in (0, 1))
+        batch["question_labels"] = torch.tensor([q[2:] for q in questions], dtype=torch.long).reshape(-1, 2)
     return batch
 
 
@@ -501,10 +545,11 @@ class Schedule:
         return self.lr * (self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int, probe: VisionProbe | None = None) -> None:
-    """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int, heads: dict[str, torch.nn.Module] | None = None) -> None:
+    """Atomic: written to a temporary file, then renamed over the old checkpoint. heads: the training-only modules
+    ("probe", "question") whose weights the optimizer also trains."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=asdict(schedule), step=step,
-                 probe=probe.state_dict() if probe else None,
+                 **{name: head.state_dict() for name, head in (heads or {}).items()},
                  rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -527,11 +572,13 @@ def initial_weights(path: str | Path, model) -> dict[str, Tensor]:
     return exported.to(device).state_dict()
 
 
-def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, probe: VisionProbe | None = None) -> int:
+def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
     state = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
     model.load_state_dict(state["model"])
-    if probe:
-        probe.load_state_dict(state["probe"])
+    for name, head in (heads or {}).items():
+        if state.get(name) is None:
+            raise ConfigError(f"--resume {path}: the checkpoint has no {name!r} weights; resume with the flags it was trained with")
+        head.load_state_dict(state[name])
     optimizer.load_state_dict(state["optimizer"])
     schedule.elapsed = state["schedule"]["elapsed"]
     torch.set_rng_state(state["rng"]["torch"])
@@ -551,9 +598,9 @@ def train(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
     if (args.aux_balanced or args.cell_layer is not None or args.char_slots) and not args.aux_weight:
         raise ConfigError("--aux-balanced, --cell-layer and --char-slots shape the dense visual-token loss: they need --aux-weight > 0")
-    if args.vision_only and (not args.aux_weight or args.pointer_weight or args.cell_layer is not None):
+    if args.vision_only and (not args.aux_weight or args.pointer_weight or args.question_weight or args.cell_layer is not None):
         raise ConfigError("--vision-only trains the vision tower on the dense loss alone: it needs --aux-weight > 0 and "
-                          "excludes --pointer-weight and --cell-layer, which teach LLM layers")
+                          "excludes --pointer-weight, --question-weight and --cell-layer, which teach LLM layers")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -563,10 +610,12 @@ def train(args: argparse.Namespace) -> dict:
     model = build_model(args, tokenizer).to(device)
     probe = VisionProbe(model, args.aux_balanced, args.cell_layer, args.char_slots).to(device) if args.aux_weight else None
     pointer = AttentionPointer(model, args.pointer_layers) if args.pointer_weight else None
-    optimizer = build_optimizer(model, args, *([probe] if probe else []))
+    question = QuestionProbe(model, args.question_layer).to(device) if args.question_weight else None
+    heads = {name: head for name, head in (("probe", probe), ("question", question)) if head is not None}
+    optimizer = build_optimizer(model, args, *heads.values())
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
-    step = load_checkpoint(ckpt, model, optimizer, schedule, probe) if args.resume and ckpt.exists() else 0
+    step = load_checkpoint(ckpt, model, optimizer, schedule, heads) if args.resume and ckpt.exists() else 0
     if step == 0 and args.init:
         model.load_state_dict(initial_weights(args.init, model))
     n_params = sum(p.numel() for p in model.parameters())
@@ -590,6 +639,7 @@ def train(args: argparse.Namespace) -> dict:
             t_model = time.time()
             aux_labels = batch.pop("aux_labels", None)
             pointer_targets = [batch.pop(k, None) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
+            question_targets = [batch.pop(k, None) for k in ("question_rows", "question_queries", "question_labels")]
             if args.vision_only:
                 vision_forward(model, batch, device)
                 aux_loss = probe.loss(aux_labels)
@@ -602,6 +652,9 @@ def train(args: argparse.Namespace) -> dict:
             if pointer:
                 pointer_loss = pointer.loss(*pointer_targets)
                 loss = loss + args.pointer_weight * pointer_loss
+            if question:
+                question_loss = question.loss(*question_targets)
+                loss = loss + args.question_weight * question_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -624,13 +677,15 @@ def train(args: argparse.Namespace) -> dict:
                 record["aux_loss"] = round(aux_loss.item(), 4)
             if pointer:
                 record["pointer_loss"] = round(pointer_loss.item(), 4)
+            if question:
+                record["question_loss"] = round(question_loss.item(), 4)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
             bar.update()
             done = schedule.progress(step) >= 1
             if now - last_ckpt > 60 * args.ckpt_minutes or done:
-                save_checkpoint(ckpt, model, optimizer, schedule, step, probe)
+                save_checkpoint(ckpt, model, optimizer, schedule, step, heads)
                 last_ckpt = time.time()
     print(f"stopped at step {step}/{args.steps} after {schedule.elapsed / 60:.1f} min", flush=True)
     if args.export:
