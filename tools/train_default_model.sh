@@ -6,6 +6,9 @@
 #                                  object tokens like the background;
 #   --cell-layer 0                 visual tokens leaving LLM layer 0 learn which third of the image they are in;
 #   --pointer-weight 1             head 0 of LLM layers 1 and 2 learns to attend where each answer is drawn;
+#   --question-weight 1            LLM layer 0's output at the answer position learns which colour and shape the
+#                                  question names (since the seventeenth session: without it head 0 spread its
+#                                  attention over every object, whichever was asked about);
 #   --augment                      rendering variety (colours, background, sizes, fonts);
 #   --questions 8                  up to 7 more questions of the first turn's task about the same image.
 # Stages (each a fresh optimizer and warm-up/cosine schedule over its own time budget):
@@ -20,6 +23,8 @@
 #            (--curriculum 0, --minutes 85; read still 0: docs/training.md). The fifteenth session's kept weights
 #            came from those by a 30-min `--vision-only` stage and 85 more minutes of these flags with --seed 1502
 #            (both commands in docs/training.md; the vision-only stage did not help read, so it is not a stage here).
+#            The seventeenth session's kept weights came from those by 45 min of the four object tasks and 25 min of
+#            `mix`, both with --question-weight 1 (commands in docs/training.md; the flag is untried from scratch).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `mix` stage)
@@ -34,7 +39,7 @@ run=${RUN:-runs/default}
 stage() {  # stage NAME FLAGS...: one `luvc train` run in $run/NAME
   mkdir -p "$run/$1"
   .venv/bin/python -m luvc_common.research.train --out "$run/$1" --resume --batch-size 16 --lr 2e-3 --rope-theta 100 \
-    --questions 8 --aux-weight 2 --aux-balanced --cell-layer 0 --pointer-weight 1 --pointer-layers 1,2 --augment \
+    --questions 8 --aux-weight 2 --aux-balanced --cell-layer 0 --pointer-weight 1 --pointer-layers 1,2 --question-weight 1 --augment \
     --max-pixels 50176 --max-distractors 3 --eval-n 240 --eval-every 250 --steps 20000 --warmup 50 "${@:2}"
 }
 if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --init replaces all but the `mix` stage
