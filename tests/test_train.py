@@ -226,21 +226,27 @@ def test_pointer_targets_follow_the_answer_tokens():
             assert digits == list(range(digits[0], digits[0] + len(digits)))
 
 
+def training_losses(model, batch: dict, loss_of_last_forward, params, steps: int = 20) -> list[float]:
+    """A training-only loss over `steps` AdamW steps on one batch; the loss reads what the model's forward hooks caught."""
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        model(**batch)
+        loss = loss_of_last_forward()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_the_pointer_loss_teaches_the_head_and_leaves_the_export_stock(tmp_path):
     args, tokenizer = args_for("--pointer-weight", "1", "--pointer-layers", "1"), build_tokenizer(FAMILY.chat)
     model = build_model(args, tokenizer)
     pointer = AttentionPointer(model, args.pointer_layers)
     batch, _ = make_batch(args.seed, range(6), tokenizer, image_processor(args.max_pixels), Recipe(pointer=True))
     targets = [batch.pop(k) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        model(**batch)
-        loss = pointer.loss(*targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training_losses(model, batch, lambda: pointer.loss(*targets), model.parameters())
     assert losses[-1] < 0.3 * losses[0], [round(v, 2) for v in losses]
     with pytest.raises(ConfigError, match="--pointer-layers 2: the LLM has 2 layers"):
         AttentionPointer(model, (2,))
@@ -277,15 +283,7 @@ def test_the_question_loss_teaches_the_layer_and_is_not_exported(tmp_path):
     question = QuestionProbe(model, args.question_layer)
     batch, _ = make_batch(args.seed, range(8), tokenizer, image_processor(args.max_pixels), Recipe(tasks=("color", "shape"), question=True))
     targets = [batch.pop(k) for k in ("question_rows", "question_queries", "question_labels")]
-    opt = torch.optim.AdamW([*model.parameters(), *question.parameters()], lr=1e-3)
-    losses = []
-    for _ in range(20):
-        model(**batch)
-        loss = question.loss(*targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training_losses(model, batch, lambda: question.loss(*targets), [*model.parameters(), *question.parameters()])
     assert losses[-1] < 0.5 * losses[0], [round(v, 2) for v in losses]
     out = tmp_path / "model"
     train(args_for("--out", str(tmp_path / "run"), "--steps", "2", "--question-weight", "1", "--export", str(out)))
