@@ -7,6 +7,7 @@ built from transformers' own config and model classes; only the sizes are small.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ def save_model(model, tokenizer, image_processor, out: str | Path) -> Path:
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False)
     model.save_pretrained(out, state_dict={k: v.to("cpu", torch.bfloat16) for k, v in model.state_dict().items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.glob("*.safetensors"):  # safetensors writes 0600: a service running as another user (the
+        weights.chmod(0o666 & ~umask)          # Docker image's) could not read a mounted export
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2) + "\n")
     tokenizer.save_pretrained(out)
