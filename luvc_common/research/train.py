@@ -545,9 +545,13 @@ class Schedule:
         return self.lr * (self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+HEADS = {"probe": "--aux-weight", "question": "--question-weight"}
+"""Checkpoint key of each training-only module whose weights the optimizer also trains (VisionProbe, QuestionProbe)
+-> the flag that adds it."""
+
+
 def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int, heads: dict[str, torch.nn.Module] | None = None) -> None:
-    """Atomic: written to a temporary file, then renamed over the old checkpoint. heads: the training-only modules
-    ("probe", "question") whose weights the optimizer also trains."""
+    """Atomic: written to a temporary file, then renamed over the old checkpoint. heads: by HEADS name."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=asdict(schedule), step=step,
                  **{name: head.state_dict() for name, head in (heads or {}).items()},
                  rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
@@ -574,10 +578,14 @@ def initial_weights(path: str | Path, model) -> dict[str, Tensor]:
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
     state = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
+    heads = heads or {}
+    saved = {name for name in HEADS if state.get(name) is not None}  # older checkpoints hold probe=None
+    if saved != heads.keys():
+        named = lambda names: ", ".join(HEADS[n] for n in sorted(names)) or "neither"
+        raise ConfigError(f"--resume {path}: the checkpoint was trained with {named(saved)} (of {', '.join(HEADS.values())}), "
+                          f"this run with {named(heads)}; resume with the flags it was trained with")
     model.load_state_dict(state["model"])
-    for name, head in (heads or {}).items():
-        if state.get(name) is None:
-            raise ConfigError(f"--resume {path}: the checkpoint has no {name!r} weights; resume with the flags it was trained with")
+    for name, head in heads.items():
         head.load_state_dict(state[name])
     optimizer.load_state_dict(state["optimizer"])
     schedule.elapsed = state["schedule"]["elapsed"]
