@@ -1,7 +1,11 @@
 """Training: the loss falls, resuming is exact, and the export loads with stock and split loaders."""
 import argparse
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +144,32 @@ def test_resume_continues_exactly(tmp_path, aux):
             assert torch.equal(s[name], b["optimizer"]["state"][k][name]), (k, name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("first, then", [((), ("--question-weight", "1")), (("--question-weight", "1"), ()),
+                                         (("--aux-weight", "1"), ("--question-weight", "1"))])
+def test_resuming_with_other_training_heads_is_a_user_error(tmp_path, capsys, first, then):
+    assert main(["train", "--out", str(tmp_path), *TINY, "--steps", "1", *first]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path), *TINY, "--steps", "2", "--resume", *then]) == 2
+    assert "resume with the flags it was trained with" in capsys.readouterr().err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+def test_probe_chain_reports_every_link_of_a_checkpoint(tmp_path):
+    """tools/probe_chain.py on a small trained checkpoint (it was once broken for two sessions unnoticed)."""
+    flags = [*TINY, "--aux-weight", "1", "--aux-balanced", "--cell-layer", "0", "--char-slots", "2"]
+    train(args_for("--out", str(tmp_path), "--steps", "1", *flags[len(TINY):]))
+    tool = Path(__file__).parent.parent / "tools" / "probe_chain.py"
+    run = subprocess.run([sys.executable, str(tool), str(tmp_path / "ckpt.pt"), *flags, "--n", "12", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert re.search(r"up to 0 distractors; probe accuracy on the visual tokens: color [\d.]+, shape [\d.]+.*cell [\d.]+", out), out
+    for task in ("color", "shape", "position", "count"):
+        assert re.search(rf"{task} +exact [\d.]+ +answer loss [\d.]+ .* L0 [\d.]+ \([\d.]+\) L1 [\d.]+ \([\d.]+\)", out), out
+    for what in ("colour", "shape"):
+        assert re.search(rf"the {what} the question names .*: embedding [\d.]+ L0 [\d.]+ L1 [\d.]+ \(majority class [\d.]+\)", out), out
 
 
 def test_token_labels_line_up_with_the_merged_token_grid():
@@ -417,6 +447,9 @@ def test_export_loads(tmp_path):
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~umask for f in out.iterdir()}  # others can read it
     assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 112 * 112
     full = Qwen2VLForConditionalGeneration.from_pretrained(out)
     vision = load_model(ModelConfig(str(out)), "vision")
