@@ -19,8 +19,8 @@ from luvc_common.errors import ConfigError
 from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
-from luvc_common.research.train import (FAMILY, AttentionPointer, QuestionProbe, Recipe, Schedule, VisionProbe, add_arguments, build_model, build_optimizer,
-                                        covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, make_batch, recipe_at,
+from luvc_common.research.train import (FAMILY, AttentionPointer, QuestionProbe, Recipe, Schedule, StepBatches, VisionProbe, add_arguments, build_model, build_optimizer,
+                                        covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, make_batch, pixels_at, recipe_at,
                                         grid_thirds, score, token_cells, token_labels, train)
 from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, SHAPES, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
@@ -106,6 +106,27 @@ def test_curriculum_ramps_distractors_up_to_the_maximum():
     assert ramp("--curriculum", "400", "--max-distractors", "1") == [0, 0, 0, 1, 1, 1, 1]
     assert ramp("--max-distractors", "0") == [0] * 7
     assert ramp() == [3] * 7
+
+
+def test_dynamic_resolution_draws_each_step_s_image_budget_and_keeps_the_export_s(tmp_path):
+    args = args_for("--max-pixels", "50176", "--low-pixels", "12544", "--tasks", "color")
+    budgets = [pixels_at(args, step) for step in range(300)]
+    assert budgets == [pixels_at(args, step) for step in range(300)]  # a function of the step: resuming needs no state
+    assert min(budgets) >= 12544 and max(budgets) <= 50176 and all(b % 784 == 0 for b in budgets)
+    assert sum(b < 25088 for b in budgets) > 100 and sum(b >= 25088 for b in budgets) > 100  # log-uniform: half below the midpoint
+    assert {pixels_at(args_for("--max-pixels", "50176"), step) for step in range(300)} == {50176}
+    small = min(range(300), key=budgets.__getitem__)
+    tokens = lambda a, step: int(StepBatches(a)[step]["image_grid_thw"].prod(-1).sum())
+    assert tokens(args, small) < tokens(args_for("--max-pixels", "50176", "--tasks", "color"), small) / 2  # the same images, fewer patches
+    out = tmp_path / "model"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--low-pixels", "12544", "--max-pixels", "25088", "--export", str(out)))
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 25088
+
+
+@pytest.mark.parametrize("low", ["10000", "25088"])
+def test_a_low_pixel_budget_outside_the_processor_s_range_is_a_user_error(tmp_path, capsys, low):
+    assert main(["train", "--out", str(tmp_path), *TINY, "--steps", "1", "--low-pixels", low]) == 2
+    assert f"--low-pixels {low}: expected 12544" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--tasks", "color,colour"], ["--side", "250"], ["--max-distractors", "4"], ["--questions", "0"]])

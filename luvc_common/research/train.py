@@ -87,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S",
                    help="every training image S x S (a multiple of 28, 224-672); default: SynthVQA's varied sizes")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
+    p.add_argument("--low-pixels", type=positive_int, default=None, metavar="P",
+                   help="dynamic resolution: each step draws its images' max_pixels log-uniformly from P to --max-pixels, as VLMs "
+                        "train on many sizes (so fewer tokens per image are not new to the model); validation and export keep --max-pixels")
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--vision-depth", type=int, default=4)
     p.add_argument("--vision-dim", type=int, default=128)
@@ -131,9 +134,21 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+MIN_PIXELS = 112 * 112
+
+
 @lru_cache(maxsize=None)
 def image_processor(max_pixels: int):
-    return FAMILY.image_processor(112 * 112, max_pixels)
+    return FAMILY.image_processor(MIN_PIXELS, max_pixels)
+
+
+def pixels_at(args: argparse.Namespace, step: int) -> int:
+    """The max_pixels of training step `step`'s images: --max-pixels, or with --low-pixels a log-uniform draw
+    from [--low-pixels, --max-pixels], rounded down to whole 28 x 28 visual tokens (few distinct processors)."""
+    if args.low_pixels is None:
+        return args.max_pixels
+    u = np.random.default_rng([args.seed, step]).random()
+    return max(args.low_pixels, int(args.low_pixels * (args.max_pixels / args.low_pixels) ** u) // 784 * 784)
 
 
 def build_model(args: argparse.Namespace, tokenizer):
@@ -456,8 +471,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         a = self.args
-        return make_batch(a.seed, range(step * a.batch_size, (step + 1) * a.batch_size), _tokenizer(), image_processor(a.max_pixels),
-                          recipe_at(a, step))[0]
+        return make_batch(a.seed, range(step * a.batch_size, (step + 1) * a.batch_size), _tokenizer(),
+                          image_processor(pixels_at(a, step)), recipe_at(a, step))[0]
 
 
 @lru_cache(maxsize=None)
@@ -609,6 +624,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.vision_only and (not args.aux_weight or args.pointer_weight or args.question_weight or args.cell_layer is not None):
         raise ConfigError("--vision-only trains the vision tower on the dense loss alone: it needs --aux-weight > 0 and "
                           "excludes --pointer-weight, --question-weight and --cell-layer, which teach LLM layers")
+    if args.low_pixels is not None and not MIN_PIXELS <= args.low_pixels <= args.max_pixels:
+        raise ConfigError(f"--low-pixels {args.low_pixels}: expected {MIN_PIXELS} (the processor's min_pixels) to --max-pixels {args.max_pixels}")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out)
