@@ -134,3 +134,21 @@ def test_load_jsonl_resolves_paths_and_rejects_missing_key(tmp_path):
     path.write_text("\n".join([lines[0], json.dumps(broken), lines[2]]) + "\n")
     with pytest.raises(ValueError, match=r":2: .*answer"):
         load_jsonl(path)
+
+
+def test_the_second_renderer_draws_the_same_split_differently(tmp_path):
+    """tools/render_alt.py: same records as the split, same image sizes, other pixels, the asked colour still drawn."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[1] / "tools" / "render_alt.py"
+    subprocess.run([sys.executable, str(tool), str(tmp_path), "--n", "12", "--seed", "2000"], check=True, capture_output=True)
+    records = load_jsonl(tmp_path / "data.jsonl")
+    assert len(records) == 12
+    for i, r in enumerate(records):
+        ex = make_example(2000, i)
+        assert (r["question"], r["answer"], r["task"]) == (ex.question, ex.answer, ex.task)
+        ours, theirs = np.asarray(render(ex.scene), dtype=int), np.asarray(Image.open(r["image"]).convert("RGB"), dtype=int)
+        assert theirs.shape == ours.shape and (theirs != ours).any(-1).mean() > 0.5  # another background, palette, font
+        if ex.task == "color":  # the answer's hue is drawn: some pixel is far from the light background
+            assert (theirs.min(-1) < 150).any()
