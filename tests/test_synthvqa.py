@@ -1,6 +1,9 @@
 """SynthVQA: determinism, answer validity, answers recomputed from the scene, rendering, jsonl I/O."""
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,9 +141,6 @@ def test_load_jsonl_resolves_paths_and_rejects_missing_key(tmp_path):
 
 def test_the_second_renderer_draws_the_same_split_differently(tmp_path):
     """tools/render_alt.py: same records as the split, same image sizes, other pixels, the asked colour still drawn."""
-    import subprocess
-    import sys
-    from pathlib import Path
     tool = Path(__file__).resolve().parents[1] / "tools" / "render_alt.py"
     subprocess.run([sys.executable, str(tool), str(tmp_path), "--n", "12", "--seed", "2000"], check=True, capture_output=True)
     records = load_jsonl(tmp_path / "data.jsonl")

@@ -364,8 +364,10 @@ def evidence(scene: Scene, spec: QuestionSpec, look: Look = Look()) -> list[np.n
     return [mask(lambda d: [_draw_shape(d, o, 1) for o in matches])] if matches else []
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False) -> Path:
-    """Writes out_dir/data.jsonl and out_dir/images/NNNNNN.png for n examples; returns the jsonl path."""
+def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False,
+                  draw: Callable[[Scene], Image.Image] = render) -> Path:
+    """Writes out_dir/data.jsonl and out_dir/images/NNNNNN.png for n examples, each scene drawn by `draw` (another
+    renderer can draw the same split); returns the jsonl path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     indices = range(n)
@@ -377,7 +379,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False
         for i in indices:
             ex = make_example(seed, i)
             image = f"images/{i:06d}.png"
-            render(ex.scene).save(out_dir / image)
+            draw(ex.scene).save(out_dir / image)
             record = {"image": image, "question": ex.question, "answer": ex.answer, "task": ex.task}
             f.write(json.dumps(record) + "\n")
     return path
