@@ -25,6 +25,7 @@
 #            (both commands in docs/training.md; the vision-only stage did not help read, so it is not a stage here).
 #            The seventeenth session's kept weights came from those by 45 min of the four object tasks and 25 min of
 #            `mix`, both with --question-weight 1 (commands in docs/training.md; the flag is untried from scratch).
+#            The eighteenth session's kept weights (73.7%) are 120 more minutes of `mix` from those (lr 5e-4, seed 1801).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `mix` stage)

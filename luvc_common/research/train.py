@@ -135,6 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 MIN_PIXELS = 112 * 112
+TOKEN_PIXELS = 28 * 28
+"""Image pixels per LLM visual token: a 2 x 2 merge of 14-pixel patches."""
 
 
 @lru_cache(maxsize=None)
@@ -148,7 +150,7 @@ def pixels_at(args: argparse.Namespace, step: int) -> int:
     if args.low_pixels is None:
         return args.max_pixels
     u = np.random.default_rng([args.seed, step]).random()
-    return max(args.low_pixels, int(args.low_pixels * (args.max_pixels / args.low_pixels) ** u) // 784 * 784)
+    return max(args.low_pixels, int(args.low_pixels * (args.max_pixels / args.low_pixels) ** u) // TOKEN_PIXELS * TOKEN_PIXELS)
 
 
 def build_model(args: argparse.Namespace, tokenizer):
