@@ -95,9 +95,19 @@ def test_recipe_tasks_distractors_and_side():
     assert all(len(ex.scene.objects) == 1 for ex in easy)
     assert any(len(make_example(1000, i, "shape").scene.objects) > 1 for i in range(12))
     assert {(ex.scene.width, ex.scene.height) for ex in (make_example(1000, i, side=252) for i in range(12))} == {(252, 252)}
-    for bad in (dict(side=250), dict(side=700), dict(max_distractors=4)):
+    for bad in (dict(side=250), dict(side=700), dict(max_distractors=4), dict(read_digits=(0, 5)), dict(read_digits=(6, 19))):
         with pytest.raises(ValueError):
             make_example(1000, 0, **bad)
+
+
+def test_long_read_lines_fit_the_image_and_label_every_digit():
+    lines = [make_example(1000, i, "read", read_digits=(12, 18)) for i in range(24)]
+    assert all(ex.answer.isdigit() and len(ex.answer) <= 18 for ex in lines)
+    assert sum(len(ex.answer) >= 12 for ex in lines) > 12  # cut only where the image is too narrow
+    for ex in lines[:6]:
+        assert all(mask.any() for mask in evidence(ex.scene, ex.spec))  # every digit drawn inside the image
+    assert recipe_at(args_for("--read-digits", "12,18"), 0).read_digits == (12, 18)
+    assert recipe_at(args_for(), 0).read_digits == (3, 5)
 
 
 def test_curriculum_ramps_distractors_up_to_the_maximum():
@@ -129,7 +139,8 @@ def test_a_low_pixel_budget_outside_the_processor_s_range_is_a_user_error(tmp_pa
     assert f"--low-pixels {low}: expected 12544" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--tasks", "color,colour"], ["--side", "250"], ["--max-distractors", "4"], ["--questions", "0"]])
+@pytest.mark.parametrize("flags", [["--tasks", "color,colour"], ["--side", "250"], ["--max-distractors", "4"], ["--questions", "0"],
+                                   ["--read-digits", "5"], ["--read-digits", "5,3"], ["--read-digits", "3,19"]])
 def test_bad_recipe_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit):
         args_for(*flags)

@@ -29,6 +29,10 @@ ANSWERS: dict[str, tuple[str, ...] | None] = {
 """Allowed answers per task; None for "read", whose answer is any 3-5 digit number."""
 
 SIDES = tuple(range(224, 673, 28))
+READ_DIGITS = (3, 5)
+"""Shortest and longest number of a "read" scene."""
+MAX_READ_DIGITS = 18
+"""The longest number a training curriculum may ask for (an int64 draw)."""
 _SIDE_W = np.array([3.0 if s <= 448 else 1.0 for s in SIDES])  # mostly modest sizes: a tiny model trains on CPU
 _SIDE_P = _SIDE_W / _SIDE_W.sum()
 GAP = 4  # minimum free pixels between objects and to the image border
@@ -202,7 +206,8 @@ def _place(rng: np.random.Generator, scene: Scene, kinds: list[tuple[str, str]],
     return Scene(scene.width, scene.height, scene.background, tuple(objects))
 
 
-def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int | None) -> tuple[Scene, QuestionSpec]:
+def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int | None,
+           read_digits: tuple[int, int]) -> tuple[Scene, QuestionSpec]:
     w, h = (side, side) if side else (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
     scene = Scene(w, h, tuple(int(v) for v in rng.integers(225, 256, size=3)))
     color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
@@ -228,8 +233,10 @@ def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int 
         kinds = _kinds(rng, n_distractors, lambda c, sh: (c, sh) != (color, shape))
         return _place(rng, scene, kinds, (12, 21)), QuestionSpec(task, color, shape)
     if task == "read":  # small but legible black digits
-        digits = int(rng.integers(3, 6))
+        digits = int(rng.integers(read_digits[0], read_digits[1] + 1))
         text, size = str(int(rng.integers(10 ** (digits - 1), 10 ** digits))), int(rng.integers(14, 23))
+        while _font(size).getbbox(text)[2] > 0.75 * w - 16:  # a long training line leaves room for any look's font
+            text = text[:-1]
         _, _, right, bottom = _font(size).getbbox(text)
         xy = (int(rng.integers(8, w - right - 8)), int(rng.integers(8, h - bottom - 8)))
         return Scene(w, h, scene.background, text=text, text_xy=xy, font_size=size), QuestionSpec(task)
@@ -247,20 +254,24 @@ def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int 
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3, side: int | None = None) -> Example:
+def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3, side: int | None = None,
+                 read_digits: tuple[int, int] = READ_DIGITS) -> Example:
     """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written.
 
-    For training curricula: max_distractors < 3 makes easier object scenes, and `side` fixes the image
-    size (a multiple of 28 in 224..672); the datasets use 3 and the varied sizes."""
+    For training curricula: max_distractors < 3 makes easier object scenes, `side` fixes the image size (a
+    multiple of 28 in 224..672), and a longer `read_digits` range (at most MAX_READ_DIGITS, cut to the image's
+    width) puts more digits in each "read" scene; the datasets use 3, the varied sizes and READ_DIGITS."""
     task = task or TASKS[index % len(TASKS)]
     if side is not None and side not in SIDES:
         raise ValueError(f"side={side}: expected a multiple of 28 in {SIDES[0]}..{SIDES[-1]}")
     if not 0 <= max_distractors <= 3:
         raise ValueError(f"max_distractors={max_distractors}: expected 0..3")
+    if not 1 <= read_digits[0] <= read_digits[1] <= MAX_READ_DIGITS:
+        raise ValueError(f"read_digits={read_digits}: expected 1 <= low <= high <= {MAX_READ_DIGITS}")
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     for _ in range(50):
         try:
-            scene, spec = _build(rng, task, max_distractors, side)
+            scene, spec = _build(rng, task, max_distractors, side, read_digits)
             return Example(scene, spec, question_text(spec), answer_for(scene, spec), task)
         except _Crowded:
             continue

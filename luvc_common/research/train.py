@@ -37,9 +37,9 @@ from luvc_common.models.family import get_family
 from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
-from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, SHAPES, SIDES, TASKS, Example, Look, QuestionSpec, Scene, answer_for, evidence,
-                                           jitter_scene, label_maps, make_example, question_text, random_look, render,
-                                           scene_questions)
+from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, MAX_READ_DIGITS, READ_DIGITS, SHAPES, SIDES, TASKS, Example,
+                                           Look, QuestionSpec, Scene, answer_for, evidence, jitter_scene, label_maps,
+                                           make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
 FAMILY = get_family("qwen2_vl")
@@ -71,6 +71,16 @@ def _section(value: str) -> tuple[int, int, int]:
     return section
 
 
+def _digit_range(value: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in value.split(","))
+    except ValueError:
+        low = high = 0
+    if not 1 <= low <= high <= MAX_READ_DIGITS:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 1 <= LOW <= HIGH <= {MAX_READ_DIGITS}, got {value!r}")
+    return low, high
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint and loss log")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (the LR schedule spans them)")
@@ -86,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma-separated task families to train on")
     p.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S",
                    help="every training image S x S (a multiple of 28, 224-672); default: SynthVQA's varied sizes")
+    p.add_argument("--read-digits", type=_digit_range, default=READ_DIGITS, metavar="LOW,HIGH",
+                   help="digits of a training \"read\" scene's number (cut to the image width); a long line gives the tower "
+                        "many digits per image to learn from; validation keeps SynthVQA's 3,5")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
     p.add_argument("--low-pixels", type=positive_int, default=None, metavar="P",
                    help="dynamic resolution: each step draws its images' max_pixels log-uniformly from P to --max-pixels, as VLMs "
@@ -329,6 +342,8 @@ class Recipe:
     """With dense: token_labels' reading-order characters per token."""
     question: bool = False
     """Also return the QuestionProbe's targets: per turn, where its first answer is predicted and what it names."""
+    read_digits: tuple[int, int] = READ_DIGITS
+    """Shortest and longest number of a "read" scene."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
@@ -336,7 +351,7 @@ def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
     return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0,
-                  args.char_slots, args.question_weight > 0)
+                  args.char_slots, args.question_weight > 0, args.read_digits)
 
 
 MIN_COVER = 0.02
@@ -390,7 +405,7 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     The first turn is the example itself, in the serving prompt format; further turns (recipe.questions)
     ask other questions of its task about the same image (extra_questions), so one vision forward trains several answers.
     """
-    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side)
+    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side, recipe.read_digits)
     scene, look = ex.scene, Look()
     if recipe.augment:
         rng = np.random.Generator(np.random.PCG64([seed, index, 2]))
