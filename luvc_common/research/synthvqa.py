@@ -254,6 +254,11 @@ def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int 
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
+def check_read_digits(read_digits: tuple[int, int]) -> None:
+    if not 1 <= read_digits[0] <= read_digits[1] <= MAX_READ_DIGITS:
+        raise ValueError(f"read_digits={read_digits}: expected 1 <= low <= high <= {MAX_READ_DIGITS}")
+
+
 def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3, side: int | None = None,
                  read_digits: tuple[int, int] = READ_DIGITS) -> Example:
     """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written.
@@ -266,8 +271,7 @@ def make_example(seed: int, index: int, task: str | None = None, max_distractors
         raise ValueError(f"side={side}: expected a multiple of 28 in {SIDES[0]}..{SIDES[-1]}")
     if not 0 <= max_distractors <= 3:
         raise ValueError(f"max_distractors={max_distractors}: expected 0..3")
-    if not 1 <= read_digits[0] <= read_digits[1] <= MAX_READ_DIGITS:
-        raise ValueError(f"read_digits={read_digits}: expected 1 <= low <= high <= {MAX_READ_DIGITS}")
+    check_read_digits(read_digits)
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     for _ in range(50):
         try:

@@ -38,8 +38,8 @@ from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
 from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, MAX_READ_DIGITS, READ_DIGITS, SHAPES, SIDES, TASKS, Example,
-                                           Look, QuestionSpec, Scene, answer_for, evidence, jitter_scene, label_maps,
-                                           make_example, question_text, random_look, render, scene_questions)
+                                           Look, QuestionSpec, Scene, answer_for, check_read_digits, evidence, jitter_scene,
+                                           label_maps, make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
 FAMILY = get_family("qwen2_vl")
@@ -74,10 +74,9 @@ def _section(value: str) -> tuple[int, int, int]:
 def _digit_range(value: str) -> tuple[int, int]:
     try:
         low, high = (int(v) for v in value.split(","))
+        check_read_digits((low, high))
     except ValueError:
-        low = high = 0
-    if not 1 <= low <= high <= MAX_READ_DIGITS:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 1 <= LOW <= HIGH <= {MAX_READ_DIGITS}, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 1 <= LOW <= HIGH <= {MAX_READ_DIGITS}, got {value!r}") from None
     return low, high
 
 
