@@ -95,7 +95,8 @@ def test_recipe_tasks_distractors_and_side():
     assert all(len(ex.scene.objects) == 1 for ex in easy)
     assert any(len(make_example(1000, i, "shape").scene.objects) > 1 for i in range(12))
     assert {(ex.scene.width, ex.scene.height) for ex in (make_example(1000, i, side=252) for i in range(12))} == {(252, 252)}
-    for bad in (dict(side=250), dict(side=700), dict(max_distractors=4), dict(read_digits=(0, 5)), dict(read_digits=(6, 19))):
+    for bad in (dict(side=250), dict(side=700), dict(max_distractors=4), dict(read_digits=(0, 5)), dict(read_digits=(6, 19)),
+                dict(read_height=42)):
         with pytest.raises(ValueError):
             make_example(1000, 0, **bad)
 
@@ -108,6 +109,19 @@ def test_long_read_lines_fit_the_image_and_label_every_digit():
         assert all(mask.any() for mask in evidence(ex.scene, ex.spec))  # every digit drawn inside the image
     assert recipe_at(args_for("--read-digits", "12,18"), 0).read_digits == (12, 18)
     assert recipe_at(args_for(), 0).read_digits == (3, 5)
+
+
+def test_read_strips_hold_the_full_scene_s_number_in_fewer_pixels():
+    for i in range(12):
+        full, strip = make_example(1000, i, "read", read_digits=(6, 18)), make_example(1000, i, "read", read_digits=(6, 18), read_height=56)
+        assert (strip.scene.height, strip.scene.width, strip.answer) == (56, full.scene.width, full.answer)
+        assert all(mask.any() for mask in evidence(strip.scene, strip.spec))
+    assert make_example(1000, 0, "color", read_height=56) == make_example(1000, 0, "color")  # only read scenes are cut
+    args = args_for("--read-height", "56", "--read-digits", "6,18", "--tasks", "read", "--aux-weight", "1", "--char-slots", "4")
+    batch, _ = make_batch(1000, range(4), build_tokenizer(FAMILY.chat), image_processor(200704), recipe_at(args, 0))
+    assert batch["image_grid_thw"][:, 1].tolist() == [4] * 4  # 56 px: two rows of merged tokens, at their native size
+    digits = sum(len(make_example(1000, i, "read", read_digits=(6, 18), read_height=56).answer) for i in range(4))
+    assert (batch["aux_labels"][:, 5:] > 0).sum() == digits  # every digit labels a slot of its token
 
 
 def test_curriculum_ramps_distractors_up_to_the_maximum():
@@ -140,7 +154,8 @@ def test_a_low_pixel_budget_outside_the_processor_s_range_is_a_user_error(tmp_pa
 
 
 @pytest.mark.parametrize("flags", [["--tasks", "color,colour"], ["--side", "250"], ["--max-distractors", "4"], ["--questions", "0"],
-                                   ["--read-digits", "5"], ["--read-digits", "5,3"], ["--read-digits", "3,19"]])
+                                   ["--read-digits", "5"], ["--read-digits", "5,3"], ["--read-digits", "3,19"],
+                                   ["--read-height", "50"], ["--read-height", "252"]])
 def test_bad_recipe_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit):
         args_for(*flags)

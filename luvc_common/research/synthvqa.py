@@ -33,6 +33,8 @@ READ_DIGITS = (3, 5)
 """Shortest and longest number of a "read" scene."""
 MAX_READ_DIGITS = 18
 """The longest number a training curriculum may ask for (an int64 draw)."""
+STRIP_HEIGHTS = tuple(range(56, 225, 28))
+"""Heights a training "read" scene may be cut to (a strip of text: the same digits for a fraction of the pixels)."""
 _SIDE_W = np.array([3.0 if s <= 448 else 1.0 for s in SIDES])  # mostly modest sizes: a tiny model trains on CPU
 _SIDE_P = _SIDE_W / _SIDE_W.sum()
 GAP = 4  # minimum free pixels between objects and to the image border
@@ -207,8 +209,10 @@ def _place(rng: np.random.Generator, scene: Scene, kinds: list[tuple[str, str]],
 
 
 def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int | None,
-           read_digits: tuple[int, int]) -> tuple[Scene, QuestionSpec]:
+           read_digits: tuple[int, int], read_height: int | None) -> tuple[Scene, QuestionSpec]:
     w, h = (side, side) if side else (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
+    if task == "read" and read_height:
+        h = read_height
     scene = Scene(w, h, tuple(int(v) for v in rng.integers(225, 256, size=3)))
     color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
     n_distractors = int(rng.integers(0, max_distractors + 1))
@@ -260,22 +264,25 @@ def check_read_digits(read_digits: tuple[int, int]) -> None:
 
 
 def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3, side: int | None = None,
-                 read_digits: tuple[int, int] = READ_DIGITS) -> Example:
+                 read_digits: tuple[int, int] = READ_DIGITS, read_height: int | None = None) -> Example:
     """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written.
 
     For training curricula: max_distractors < 3 makes easier object scenes, `side` fixes the image size (a
     multiple of 28 in 224..672), and a longer `read_digits` range (at most MAX_READ_DIGITS, cut to the image's
-    width) puts more digits in each "read" scene; the datasets use 3, the varied sizes and READ_DIGITS."""
+    width) puts more digits in each "read" scene, which `read_height` (one of STRIP_HEIGHTS) cuts to a strip; the
+    datasets use 3, the varied sizes, READ_DIGITS and full-height read scenes."""
     task = task or TASKS[index % len(TASKS)]
     if side is not None and side not in SIDES:
         raise ValueError(f"side={side}: expected a multiple of 28 in {SIDES[0]}..{SIDES[-1]}")
     if not 0 <= max_distractors <= 3:
         raise ValueError(f"max_distractors={max_distractors}: expected 0..3")
     check_read_digits(read_digits)
+    if read_height is not None and read_height not in STRIP_HEIGHTS:
+        raise ValueError(f"read_height={read_height}: expected a multiple of 28 in {STRIP_HEIGHTS[0]}..{STRIP_HEIGHTS[-1]}")
     rng = np.random.Generator(np.random.PCG64([seed, index]))
     for _ in range(50):
         try:
-            scene, spec = _build(rng, task, max_distractors, side, read_digits)
+            scene, spec = _build(rng, task, max_distractors, side, read_digits, read_height)
             return Example(scene, spec, question_text(spec), answer_for(scene, spec), task)
         except _Crowded:
             continue

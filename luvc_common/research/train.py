@@ -37,8 +37,8 @@ from luvc_common.models.family import get_family
 from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
-from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, MAX_READ_DIGITS, READ_DIGITS, SHAPES, SIDES, TASKS, Example,
-                                           Look, QuestionSpec, Scene, answer_for, check_read_digits, evidence, jitter_scene,
+from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, MAX_READ_DIGITS, READ_DIGITS, SHAPES, SIDES, STRIP_HEIGHTS,
+                                           TASKS, Example, Look, QuestionSpec, Scene, answer_for, check_read_digits, evidence, jitter_scene,
                                            label_maps, make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--read-digits", type=_digit_range, default=READ_DIGITS, metavar="LOW,HIGH",
                    help="digits of a training \"read\" scene's number (cut to the image width); a long line gives the tower "
                         "many digits per image to learn from; validation keeps SynthVQA's 3,5")
+    p.add_argument("--read-height", type=int, choices=STRIP_HEIGHTS, default=None, metavar="H",
+                   help="draw every training \"read\" scene H pixels tall (a multiple of 28, 56-224): a strip of text gives the "
+                        "tower the same digits for a fraction of the compute; validation keeps full scenes")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
     p.add_argument("--low-pixels", type=positive_int, default=None, metavar="P",
                    help="dynamic resolution: each step draws its images' max_pixels log-uniformly from P to --max-pixels, as VLMs "
@@ -343,6 +346,8 @@ class Recipe:
     """Also return the QuestionProbe's targets: per turn, where its first answer is predicted and what it names."""
     read_digits: tuple[int, int] = READ_DIGITS
     """Shortest and longest number of a "read" scene."""
+    read_height: int | None = None
+    """Height of every "read" scene (a strip of text); None: as tall as SynthVQA draws it."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
@@ -350,7 +355,7 @@ def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
     return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0,
-                  args.char_slots, args.question_weight > 0, args.read_digits)
+                  args.char_slots, args.question_weight > 0, args.read_digits, args.read_height)
 
 
 MIN_COVER = 0.02
@@ -404,7 +409,8 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     The first turn is the example itself, in the serving prompt format; further turns (recipe.questions)
     ask other questions of its task about the same image (extra_questions), so one vision forward trains several answers.
     """
-    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side, recipe.read_digits)
+    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side, recipe.read_digits,
+                      recipe.read_height)
     scene, look = ex.scene, Look()
     if recipe.augment:
         rng = np.random.Generator(np.random.PCG64([seed, index, 2]))
