@@ -211,7 +211,7 @@ def _place(rng: np.random.Generator, scene: Scene, kinds: list[tuple[str, str]],
 def _build(rng: np.random.Generator, task: str, max_distractors: int, side: int | None,
            read_digits: tuple[int, int], read_height: int | None) -> tuple[Scene, QuestionSpec]:
     w, h = (side, side) if side else (int(rng.choice(SIDES, p=_SIDE_P)) for _ in range(2))
-    if task == "read" and read_height:
+    if task == "read" and read_height is not None:
         h = read_height
     scene = Scene(w, h, tuple(int(v) for v in rng.integers(225, 256, size=3)))
     color, shape = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES)
