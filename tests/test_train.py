@@ -20,7 +20,7 @@ from luvc_common.config import ModelConfig
 from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
 from luvc_common.research.train import (FAMILY, AttentionPointer, QuestionProbe, Recipe, Schedule, StepBatches, VisionProbe, add_arguments, build_model, build_optimizer,
-                                        covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, make_batch, pixels_at, recipe_at,
+                                        covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, start_weights, make_batch, pixels_at, recipe_at,
                                         grid_thirds, score, token_cells, token_labels, train)
 from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, SHAPES, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
@@ -525,6 +525,25 @@ def test_an_exported_model_of_another_architecture_is_refused_as_init(tmp_path, 
         train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--init", str(out), "--rope-theta", "100"))
     assert main(["train", *TINY, "--out", str(tmp_path / "other"), "--steps", "1", "--init", str(out), "--text-layers", "3"]) == 2
     assert "num_hidden_layers (2 there, 3 here)" in capsys.readouterr().err
+
+
+def test_init_vision_takes_the_tower_from_one_model_and_the_rest_from_another(tmp_path):
+    train(args_for("--out", str(tmp_path / "llm"), "--steps", "1"))
+    eyes = tmp_path / "eyes"
+    train(args_for("--out", str(tmp_path / "wide"), "--steps", "1", "--vision-dim", "32", "--seed", "5", "--export", str(eyes)))
+    both = args_for("--out", str(tmp_path / "both"), "--steps", "1", "--vision-dim", "32",
+                    "--init", str(tmp_path / "llm" / "ckpt.pt"), "--init-vision", str(eyes))
+    weights = start_weights(both, build_model(both, build_tokenizer(FAMILY.chat)))
+    llm = torch.load(tmp_path / "llm" / "ckpt.pt", weights_only=False)["model"]
+    tower = Qwen2VLForConditionalGeneration.from_pretrained(eyes, torch_dtype=torch.float32).state_dict()
+    assert any(k.startswith("model.visual.merger.") for k in weights)
+    for name, w in weights.items():
+        assert torch.equal(w, tower[name] if name.startswith("model.visual.") else llm[name]), name
+    with pytest.raises(ConfigError, match="--init .*another shape.*model.visual"):  # the LLM run's 64-wide tower does not fit
+        train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--vision-dim", "32", "--init", str(tmp_path / "llm" / "ckpt.pt")))
+    with pytest.raises(ConfigError, match="--init-vision .*vision_config differs.*embed_dim"):
+        train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--init-vision", str(eyes)))
+    assert train(both)["step"] == 1
 
 
 @pytest.mark.parametrize("seed", [2000, 3000])

@@ -138,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="warm start (fresh optimizer and schedule): model weights from another run's ckpt.pt, or from an "
                         "exported model directory such as models/luvc-tiny-qwen2vl-wip (bf16 weights, read as fp32)")
+    p.add_argument("--init-vision", default=None,
+                   help="warm start the vision tower and its merger from this ckpt.pt or model directory instead of --init's "
+                        "(the rest from --init, or fresh): e.g. a vision-only run of another --vision-dim with a trained LLM")
     p.add_argument("--export", default=None, help="write the final HF model directory here")
     p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
@@ -597,20 +600,41 @@ def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int,
     os.replace(tmp, path)
 
 
-def initial_weights(path: str | Path, model) -> dict[str, Tensor]:
+def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_config", "vision_config"),
+                    flag: str = "--init") -> dict[str, Tensor]:
     """Weights for `model` from a run's ckpt.pt or an exported HF model directory, whose architecture (rotary
-    settings included, which change no tensor shape) must be the one the run's flags build."""
+    settings included, which change no tensor shape) must be the one the run's flags build in the config `parts`."""
     device = next(model.parameters()).device
     if not Path(path).is_dir():
         return torch.load(path, weights_only=False, map_location=device)["model"]
     exported = FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32)
-    for part in ("text_config", "vision_config"):
+    for part in parts:
         want, got = (getattr(m.config, part).to_dict() for m in (model, exported))
         differ = sorted(k for k in want.keys() | got.keys() if k != "dtype" and want.get(k) != got.get(k))
         if differ:
-            raise ConfigError(f"--init {path}: its {part} differs from the one these flags build in "
+            raise ConfigError(f"{flag} {path}: its {part} differs from the one these flags build in "
                               + ", ".join(f"{k} ({got.get(k)} there, {want.get(k)} here)" for k in differ))
     return exported.to(device).state_dict()
+
+
+def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
+    """The model's fresh weights, replaced by --init's (all but the vision tower and merger when --init-vision is
+    given) and the tower's and merger's by --init-vision's."""
+    weights = model.state_dict()
+    tower = next(name for name, m in model.named_modules() if m is FAMILY.vision(model)) + "."
+    sources = [(args.init, "--init", lambda k: not (args.init_vision and k.startswith(tower)),
+                ("text_config",) if args.init_vision else ("text_config", "vision_config")),
+               (args.init_vision, "--init-vision", lambda k: k.startswith(tower), ("vision_config",))]
+    for path, flag, wanted, parts in sources:
+        if path is None:
+            continue
+        taken = {k: v for k, v in initial_weights(path, model, parts, flag).items() if wanted(k)}
+        wrong = [f"{k} {tuple(v.shape)} there, {tuple(weights[k].shape) if k in weights else 'none'} here"
+                 for k, v in taken.items() if k not in weights or v.shape != weights[k].shape]
+        if wrong:
+            raise ConfigError(f"{flag} {path}: tensors of another shape than these flags build: " + "; ".join(wrong[:3]))
+        weights |= taken
+    return weights
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
@@ -663,8 +687,8 @@ def train(args: argparse.Namespace) -> dict:
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
     step = load_checkpoint(ckpt, model, optimizer, schedule, heads) if args.resume and ckpt.exists() else 0
-    if step == 0 and args.init:
-        model.load_state_dict(initial_weights(args.init, model))
+    if step == 0 and (args.init or args.init_vision):
+        model.load_state_dict(start_weights(args, model))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
     val_recipe = Recipe(dense=True, char_slots=args.char_slots) if args.vision_only else Recipe()
