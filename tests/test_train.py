@@ -546,6 +546,23 @@ def test_init_vision_takes_the_tower_from_one_model_and_the_rest_from_another(tm
     assert train(both)["step"] == 1
 
 
+def test_init_vision_grows_a_shallower_tower_without_changing_what_it_computes(tmp_path):
+    eyes = tmp_path / "eyes"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(eyes)))  # TINY: one block
+    deeper = args_for("--out", str(tmp_path / "deeper"), "--steps", "1", "--vision-depth", "3", "--init-vision", str(eyes),
+                      "--export", str(tmp_path / "deep"))
+    model, source = build_model(deeper, build_tokenizer(FAMILY.chat)), Qwen2VLForConditionalGeneration.from_pretrained(eyes, torch_dtype=torch.float32)
+    model.load_state_dict(start_weights(deeper, model))
+    assert len(model.model.visual.blocks) == 3 and model.model.visual.blocks[2].mlp.fc2.weight.abs().sum() == 0
+    batch, _ = make_batch(7, range(2), build_tokenizer(FAMILY.chat), image_processor(112 * 112))
+    with torch.no_grad():
+        grown, given = (FAMILY.vision(m)(batch["pixel_values"], grid_thw=batch["image_grid_thw"]) for m in (model, source))
+    torch.testing.assert_close(grown, given)
+    train(deeper)
+    with pytest.raises(ConfigError, match="--init-vision .*depth \\(3 there, 1 here\\)"):  # deeper: not a growth
+        train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--init-vision", str(tmp_path / "deep")))
+
+
 @pytest.mark.parametrize("seed", [2000, 3000])
 def test_refuses_held_out_seeds(seed, tmp_path, capsys):
     with pytest.raises(ConfigError, match="held-out"):

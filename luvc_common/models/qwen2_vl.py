@@ -91,6 +91,7 @@ class Qwen2VL(Family):
     config_class = Qwen2VLConfig
     tower_class = QwenVisionTower
     vision_modules = ("visual",)
+    block_outputs = ("attn.proj", "mlp.fc2")
     chat = ChatTokens(pad="<|endoftext|>", turn_start="<|im_start|>", turn_end="<|im_end|>", media_start="<|vision_start|>",
                       media_end="<|vision_end|>", image="<|image_pad|>", video="<|video_pad|>")
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -601,16 +602,18 @@ def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int,
 
 
 def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_config", "vision_config"),
-                    flag: str = "--init") -> dict[str, Tensor]:
+                    flag: str = "--init", shallower: bool = False) -> dict[str, Tensor]:
     """Weights for `model` from a run's ckpt.pt or an exported HF model directory, whose architecture (rotary
-    settings included, which change no tensor shape) must be the one the run's flags build in the config `parts`."""
+    settings included, which change no tensor shape) must be the one the run's flags build in the config `parts`;
+    shallower: its vision tower may have fewer blocks."""
     device = next(model.parameters()).device
     if not Path(path).is_dir():
         return torch.load(path, weights_only=False, map_location=device)["model"]
     exported = FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32)
     for part in parts:
         want, got = (getattr(m.config, part).to_dict() for m in (model, exported))
-        differ = sorted(k for k in want.keys() | got.keys() if k != "dtype" and want.get(k) != got.get(k))
+        fine = lambda k: k == "dtype" or want.get(k) == got.get(k) or (shallower and k == "depth" and got[k] < want[k])
+        differ = sorted(k for k in want.keys() | got.keys() if not fine(k))
         if differ:
             raise ConfigError(f"{flag} {path}: its {part} differs from the one these flags build in "
                               + ", ".join(f"{k} ({got.get(k)} there, {want.get(k)} here)" for k in differ))
@@ -619,7 +622,8 @@ def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_con
 
 def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
     """The model's fresh weights, replaced by --init's (all but the vision tower and merger when --init-vision is
-    given) and the tower's and merger's by --init-vision's."""
+    given) and the tower's and merger's by --init-vision's. A tower shallower than --vision-depth grows: the blocks
+    it lacks go on top as identities (FAMILY.block_outputs zeroed), so the grown tower computes what it did."""
     weights = model.state_dict()
     tower = next(name for name, m in model.named_modules() if m is FAMILY.vision(model)) + "."
     sources = [(args.init, "--init", lambda k: not (args.init_vision and k.startswith(tower)),
@@ -628,13 +632,29 @@ def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
     for path, flag, wanted, parts in sources:
         if path is None:
             continue
-        taken = {k: v for k, v in initial_weights(path, model, parts, flag).items() if wanted(k)}
+        taken = {k: v for k, v in initial_weights(path, model, parts, flag, shallower=flag == "--init-vision").items() if wanted(k)}
         wrong = [f"{k} {tuple(v.shape)} there, {tuple(weights[k].shape) if k in weights else 'none'} here"
                  for k, v in taken.items() if k not in weights or v.shape != weights[k].shape]
         if wrong:
             raise ConfigError(f"{flag} {path}: tensors of another shape than these flags build: " + "; ".join(wrong[:3]))
         weights |= taken
+    if args.init_vision:
+        weights |= grown_blocks(weights, set(taken), tower, args.init_vision)
     return weights
+
+
+def grown_blocks(weights: dict[str, Tensor], given: set[str], tower: str, path: str) -> dict[str, Tensor]:
+    """The tower tensors that `given` lacks, which must be whole blocks above the given ones; their residual
+    outputs zeroed."""
+    missing = sorted(k for k in weights if k.startswith(tower) and k not in given)
+    block = lambda k: re.match(rf"{re.escape(tower)}blocks\.(\d+)\.(.*)", k)
+    depth = 1 + max((int(m[1]) for k in given if (m := block(k))), default=-1)
+    if any(not block(k) or int(block(k)[1]) < depth for k in missing):
+        raise ConfigError(f"--init-vision {path}: lacks tensors of the tower these flags build: {', '.join(missing[:3])}")
+    zeroed = {k: torch.zeros_like(weights[k]) for k in missing if block(k)[2].rsplit(".", 1)[0] in FAMILY.block_outputs}
+    if missing and len({block(k)[1] for k in zeroed}) != len({block(k)[1] for k in missing}):
+        raise ConfigError(f"--init-vision {path}: the {FAMILY.model_type} family names no residual outputs to grow its tower with")
+    return zeroed
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
