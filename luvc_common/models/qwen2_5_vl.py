@@ -39,6 +39,7 @@ class Qwen25VL(Qwen2VL):
     model_class = Qwen2_5_VLForConditionalGeneration
     config_class = Qwen2_5_VLConfig
     tower_class = Qwen25VisionTower
+    block_outputs = ("attn.proj", "mlp.down_proj")
 
     @staticmethod
     def _vision_sizes(vision_dim: int, hidden: int, depth: int) -> dict:

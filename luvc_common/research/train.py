@@ -651,9 +651,12 @@ def grown_blocks(weights: dict[str, Tensor], given: set[str], tower: str, path: 
     depth = 1 + max((int(m[1]) for k in given if (m := block(k))), default=-1)
     if any(not block(k) or int(block(k)[1]) < depth for k in missing):
         raise ConfigError(f"--init-vision {path}: lacks tensors of the tower these flags build: {', '.join(missing[:3])}")
-    zeroed = {k: torch.zeros_like(weights[k]) for k in missing if block(k)[2].rsplit(".", 1)[0] in FAMILY.block_outputs}
-    if missing and len({block(k)[1] for k in zeroed}) != len({block(k)[1] for k in missing}):
-        raise ConfigError(f"--init-vision {path}: the {FAMILY.model_type} family names no residual outputs to grow its tower with")
+    outputs = lambda k: block(k)[2].rsplit(".", 1)[0]
+    zeroed = {k: torch.zeros_like(weights[k]) for k in missing if outputs(k) in FAMILY.block_outputs}
+    for n in {block(k)[1] for k in missing}:
+        if {outputs(k) for k in zeroed if block(k)[1] == n} != set(FAMILY.block_outputs) or not FAMILY.block_outputs:
+            raise ConfigError(f"--init-vision {path}: the {FAMILY.model_type} family's block_outputs {FAMILY.block_outputs} "
+                              f"are not the residual outputs of its vision block {n}")
     return zeroed
 
 
