@@ -124,6 +124,19 @@ def test_read_strips_hold_the_full_scene_s_number_in_fewer_pixels():
     assert (batch["aux_labels"][:, 5:] > 0).sum() == digits  # every digit labels a slot of its token
 
 
+def test_a_strip_share_cuts_some_read_scenes_and_leaves_the_rest_full(tmp_path):
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(200704)
+    recipe = recipe_at(args_for("--read-height", "56", "--strip-share", "0.5", "--tasks", "read,color"), 0)
+    heights = [int(encode_example(1000, i, tokenizer, processor, recipe)["grid"][0, 1]) for i in range(0, 40, 2)]
+    assert 4 < heights.count(4) < 16 and all(h > 4 for h in heights if h != 4)  # 56 px strips and full scenes, both
+    assert heights == [int(encode_example(1000, i, tokenizer, processor, recipe)["grid"][0, 1]) for i in range(0, 40, 2)]
+    full = recipe_at(args_for("--tasks", "read,color"), 0)
+    for i in (1, 3):  # colour scenes untouched
+        assert torch.equal(encode_example(1000, i, tokenizer, processor, recipe)["pixels"], encode_example(1000, i, tokenizer, processor, full)["pixels"])
+    with pytest.raises(ConfigError, match="--strip-share 0.5 .*give --read-height"):
+        train(args_for("--out", str(tmp_path), "--steps", "1", "--strip-share", "0.5"))
+
+
 def test_curriculum_ramps_distractors_up_to_the_maximum():
     ramp = lambda *flags: [recipe_at(args_for(*flags), step).max_distractors for step in (0, 99, 100, 250, 399, 400, 5000)]
     assert ramp("--curriculum", "400") == [0, 0, 1, 2, 3, 3, 3]
@@ -155,7 +168,8 @@ def test_a_low_pixel_budget_outside_the_processor_s_range_is_a_user_error(tmp_pa
 
 @pytest.mark.parametrize("flags", [["--tasks", "color,colour"], ["--side", "250"], ["--max-distractors", "4"], ["--questions", "0"],
                                    ["--read-digits", "5"], ["--read-digits", "5,3"], ["--read-digits", "3,19"],
-                                   ["--read-height", "50"], ["--read-height", "252"]])
+                                   ["--read-height", "50"], ["--read-height", "252"],
+                                   ["--strip-share", "0"], ["--strip-share", "1.5"]])
 def test_bad_recipe_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit):
         args_for(*flags)

@@ -72,6 +72,12 @@ def _section(value: str) -> tuple[int, int, int]:
     return section
 
 
+def _share(value: str) -> float:
+    if not 0 < (v := float(value)) <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return v
+
+
 def _digit_range(value: str) -> tuple[int, int]:
     try:
         low, high = (int(v) for v in value.split(","))
@@ -102,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--read-height", type=int, choices=STRIP_HEIGHTS, default=None, metavar="H",
                    help="draw every training \"read\" scene H pixels tall (a multiple of 28, 56-224): a strip of text gives the "
                         "tower the same digits for a fraction of the compute; validation keeps full scenes")
+    p.add_argument("--strip-share", type=_share, default=1.0, metavar="F",
+                   help="with --read-height: cut only this share of the training read scenes (drawn per example), so the "
+                        "LLM reads many strips per minute yet still meets the full scenes that the splits ask about")
     p.add_argument("--max-pixels", type=int, default=336 * 336, help="image processor max_pixels (visual tokens per image)")
     p.add_argument("--low-pixels", type=positive_int, default=None, metavar="P",
                    help="dynamic resolution: each step draws its images' max_pixels log-uniformly from P to --max-pixels, as VLMs "
@@ -351,7 +360,9 @@ class Recipe:
     read_digits: tuple[int, int] = READ_DIGITS
     """Shortest and longest number of a "read" scene."""
     read_height: int | None = None
-    """Height of every "read" scene (a strip of text); None: as tall as SynthVQA draws it."""
+    """Height of a "read" scene cut to a strip of text; None: as tall as SynthVQA draws it."""
+    strip_share: float = 1.0
+    """With read_height: the share of "read" scenes cut (drawn per example index)."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
@@ -359,7 +370,8 @@ def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     top = args.max_distractors
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
     return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0,
-                  args.char_slots, args.question_weight > 0, args.read_digits, args.read_height)
+                  args.char_slots, args.question_weight > 0, args.read_digits, args.read_height,
+                  args.strip_share)
 
 
 MIN_COVER = 0.02
@@ -413,8 +425,8 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     The first turn is the example itself, in the serving prompt format; further turns (recipe.questions)
     ask other questions of its task about the same image (extra_questions), so one vision forward trains several answers.
     """
-    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side, recipe.read_digits,
-                      recipe.read_height)
+    strip = recipe.read_height if np.random.default_rng([seed, index, 3]).random() < recipe.strip_share else None
+    ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side, recipe.read_digits, strip)
     scene, look = ex.scene, Look()
     if recipe.augment:
         rng = np.random.Generator(np.random.PCG64([seed, index, 2]))
@@ -693,6 +705,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.vision_only and (not args.aux_weight or args.pointer_weight or args.question_weight or args.cell_layer is not None):
         raise ConfigError("--vision-only trains the vision tower on the dense loss alone: it needs --aux-weight > 0 and "
                           "excludes --pointer-weight, --question-weight and --cell-layer, which teach LLM layers")
+    if args.strip_share < 1 and args.read_height is None:
+        raise ConfigError(f"--strip-share {args.strip_share} is the share of read scenes cut to --read-height: give --read-height")
     if args.low_pixels is not None and not MIN_PIXELS <= args.low_pixels <= args.max_pixels:
         raise ConfigError(f"--low-pixels {args.low_pixels}: expected {MIN_PIXELS} (the processor's min_pixels) to --max-pixels {args.max_pixels}")
     torch.set_num_threads(args.threads)
