@@ -636,8 +636,7 @@ def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
     """The model's fresh weights, replaced by --init's (all but the vision tower and merger when --init-vision is
     given) and the tower's and merger's by --init-vision's. A tower shallower than --vision-depth grows: the blocks
     it lacks go on top as identities (FAMILY.block_outputs zeroed), so the grown tower computes what it did."""
-    weights = model.state_dict()
-    tower = next(name for name, m in model.named_modules() if m is FAMILY.vision(model)) + "."
+    weights, tower = model.state_dict(), tuple(f"model.{name}." for name in FAMILY.vision_modules)
     sources = [(args.init, "--init", lambda k: not (args.init_vision and k.startswith(tower)),
                 ("text_config",) if args.init_vision else ("text_config", "vision_config")),
                (args.init_vision, "--init-vision", lambda k: k.startswith(tower), ("vision_config",))]
@@ -655,11 +654,11 @@ def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
     return weights
 
 
-def grown_blocks(weights: dict[str, Tensor], given: set[str], tower: str, path: str) -> dict[str, Tensor]:
+def grown_blocks(weights: dict[str, Tensor], given: set[str], tower: tuple[str, ...], path: str) -> dict[str, Tensor]:
     """The tower tensors that `given` lacks, which must be whole blocks above the given ones; their residual
     outputs zeroed."""
     missing = sorted(k for k in weights if k.startswith(tower) and k not in given)
-    block = lambda k: re.match(rf"{re.escape(tower)}blocks\.(\d+)\.(.*)", k)
+    block = lambda k: re.match(rf"(?:{'|'.join(map(re.escape, tower))})blocks\.(\d+)\.(.*)", k)
     depth = 1 + max((int(m[1]) for k in given if (m := block(k))), default=-1)
     if any(not block(k) or int(block(k)[1]) < depth for k in missing):
         raise ConfigError(f"--init-vision {path}: lacks tensors of the tower these flags build: {', '.join(missing[:3])}")
