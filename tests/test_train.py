@@ -127,12 +127,13 @@ def test_read_strips_hold_the_full_scene_s_number_in_fewer_pixels():
 def test_a_strip_share_cuts_some_read_scenes_and_leaves_the_rest_full(tmp_path):
     tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(200704)
     recipe = recipe_at(args_for("--read-height", "56", "--strip-share", "0.5", "--tasks", "read,color"), 0)
-    heights = [int(encode_example(1000, i, tokenizer, processor, recipe)["grid"][0, 1]) for i in range(0, 40, 2)]
-    assert 4 < heights.count(4) < 16 and all(h > 4 for h in heights if h != 4)  # 56 px strips and full scenes, both
-    assert heights == [int(encode_example(1000, i, tokenizer, processor, recipe)["grid"][0, 1]) for i in range(0, 40, 2)]
     full = recipe_at(args_for("--tasks", "read,color"), 0)
-    for i in (1, 3):  # colour scenes untouched
-        assert torch.equal(encode_example(1000, i, tokenizer, processor, recipe)["pixels"], encode_example(1000, i, tokenizer, processor, full)["pixels"])
+    items = [(encode_example(1000, i, tokenizer, processor, recipe), encode_example(1000, i, tokenizer, processor, full)) for i in range(40)]
+    cut = [i for i, (item, whole) in enumerate(items) if not torch.equal(item["pixels"], whole["pixels"])]
+    assert 4 < len(cut) < 16 and all(i % 2 == 0 for i in cut)  # some read scenes, never a colour scene
+    assert all(items[i][0]["grid"][0, 1] == 4 and items[i][0]["ids"][-4:] == items[i][1]["ids"][-4:] for i in cut)  # a 56 px strip, same answer
+    again = [i for i in range(40) if not torch.equal(encode_example(1000, i, tokenizer, processor, recipe)["pixels"], items[i][1]["pixels"])]
+    assert again == cut  # drawn per example, not per call
     with pytest.raises(ConfigError, match="--strip-share 0.5 .*give --read-height"):
         train(args_for("--out", str(tmp_path), "--steps", "1", "--strip-share", "0.5"))
 
@@ -560,7 +561,7 @@ def test_init_vision_takes_the_tower_from_one_model_and_the_rest_from_another(tm
     assert train(both)["step"] == 1
 
 
-def test_init_vision_grows_a_shallower_tower_without_changing_what_it_computes(tmp_path):
+def test_init_vision_grows_a_shallower_tower_without_changing_what_it_computes(tmp_path, monkeypatch):
     eyes = tmp_path / "eyes"
     train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(eyes)))  # TINY: one block
     deeper = args_for("--out", str(tmp_path / "deeper"), "--steps", "1", "--vision-depth", "3", "--init-vision", str(eyes),
@@ -572,6 +573,10 @@ def test_init_vision_grows_a_shallower_tower_without_changing_what_it_computes(t
     with torch.no_grad():
         grown, given = (FAMILY.vision(m)(batch["pixel_values"], grid_thw=batch["image_grid_thw"]) for m in (model, source))
     torch.testing.assert_close(grown, given)
+    monkeypatch.setattr(FAMILY, "block_outputs", ("attn.proj", "mlp.down_proj"))  # names its blocks do not have
+    with pytest.raises(ConfigError, match="block_outputs .* are not projections of its vision block"):
+        start_weights(deeper, model)
+    monkeypatch.undo()
     train(deeper)
     with pytest.raises(ConfigError, match="--init-vision .*depth \\(3 there, 1 here\\)"):  # deeper: not a growth
         train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--init-vision", str(tmp_path / "deep")))

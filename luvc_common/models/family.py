@@ -65,10 +65,10 @@ class Family:
     config_class: ClassVar[type]
     chat: ClassVar[ChatTokens]
     vision_modules: ClassVar[tuple[str, ...]]
+    """Attributes of `model.model` that only the vision half needs."""
     block_outputs: ClassVar[tuple[str, ...]] = ()
     """Names (within a vision block) of the projections that write into the residual stream: zeroed, the block is
     the identity, which is how a trained tower grows deeper without changing what it computes."""
-    """Attributes of `model.model` that only the vision half needs."""
 
     # checkpoints
     def tiny_config(self, tokenizer, **sizes: Any):

@@ -425,7 +425,7 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
     The first turn is the example itself, in the serving prompt format; further turns (recipe.questions)
     ask other questions of its task about the same image (extra_questions), so one vision forward trains several answers.
     """
-    strip = recipe.read_height if np.random.default_rng([seed, index, 3]).random() < recipe.strip_share else None
+    strip = recipe.read_height if recipe.read_height and np.random.default_rng([seed, index, 3]).random() < recipe.strip_share else None
     ex = make_example(seed, index, recipe.tasks[index % len(recipe.tasks)], recipe.max_distractors, recipe.side, recipe.read_digits, strip)
     scene, look = ex.scene, Look()
     if recipe.augment:
@@ -637,38 +637,39 @@ def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
     given) and the tower's and merger's by --init-vision's. A tower shallower than --vision-depth grows: the blocks
     it lacks go on top as identities (FAMILY.block_outputs zeroed), so the grown tower computes what it did."""
     weights, tower = model.state_dict(), tuple(f"model.{name}." for name in FAMILY.vision_modules)
-    sources = [(args.init, "--init", lambda k: not (args.init_vision and k.startswith(tower)),
-                ("text_config",) if args.init_vision else ("text_config", "vision_config")),
-               (args.init_vision, "--init-vision", lambda k: k.startswith(tower), ("vision_config",))]
-    for path, flag, wanted, parts in sources:
-        if path is None:
-            continue
-        taken = {k: v for k, v in initial_weights(path, model, parts, flag, shallower=flag == "--init-vision").items() if wanted(k)}
-        wrong = [f"{k} {tuple(v.shape)} there, {tuple(weights[k].shape) if k in weights else 'none'} here"
-                 for k, v in taken.items() if k not in weights or v.shape != weights[k].shape]
-        if wrong:
-            raise ConfigError(f"{flag} {path}: tensors of another shape than these flags build: " + "; ".join(wrong[:3]))
-        weights |= taken
+    if args.init:
+        parts = ("text_config",) if args.init_vision else ("text_config", "vision_config")
+        init = initial_weights(args.init, model, parts)
+        weights |= _fitting(weights, args.init, "--init", {k: v for k, v in init.items() if not (args.init_vision and k.startswith(tower))})
     if args.init_vision:
-        weights |= grown_blocks(weights, set(taken), tower, args.init_vision)
+        eyes = initial_weights(args.init_vision, model, ("vision_config",), "--init-vision", shallower=True)
+        eyes = _fitting(weights, args.init_vision, "--init-vision", {k: v for k, v in eyes.items() if k.startswith(tower)})
+        weights |= eyes | grown_blocks(weights, eyes.keys(), tower, args.init_vision)
     return weights
 
 
-def grown_blocks(weights: dict[str, Tensor], given: set[str], tower: tuple[str, ...], path: str) -> dict[str, Tensor]:
+def _fitting(weights: dict[str, Tensor], path: str, flag: str, taken: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`taken`, when every tensor has its name and shape in `weights`; else a ConfigError naming `flag`."""
+    wrong = [f"{k} {tuple(v.shape)} there, {tuple(weights[k].shape) if k in weights else 'none'} here"
+             for k, v in taken.items() if k not in weights or v.shape != weights[k].shape]
+    if wrong:
+        raise ConfigError(f"{flag} {path}: tensors of another shape than these flags build: " + "; ".join(wrong[:3]))
+    return taken
+
+
+def grown_blocks(weights: dict[str, Tensor], given, tower: tuple[str, ...], path: str) -> dict[str, Tensor]:
     """The tower tensors that `given` lacks, which must be whole blocks above the given ones; their residual
     outputs zeroed."""
-    missing = sorted(k for k in weights if k.startswith(tower) and k not in given)
-    block = lambda k: re.match(rf"(?:{'|'.join(map(re.escape, tower))})blocks\.(\d+)\.(.*)", k)
-    depth = 1 + max((int(m[1]) for k in given if (m := block(k))), default=-1)
-    if any(not block(k) or int(block(k)[1]) < depth for k in missing):
-        raise ConfigError(f"--init-vision {path}: lacks tensors of the tower these flags build: {', '.join(missing[:3])}")
-    outputs = lambda k: block(k)[2].rsplit(".", 1)[0]
-    zeroed = {k: torch.zeros_like(weights[k]) for k in missing if outputs(k) in FAMILY.block_outputs}
-    for n in {block(k)[1] for k in missing}:
-        if {outputs(k) for k in zeroed if block(k)[1] == n} != set(FAMILY.block_outputs) or not FAMILY.block_outputs:
+    pattern = re.compile(rf"(?:{'|'.join(map(re.escape, tower))})blocks\.(\d+)\.(.*)\.[^.]+")
+    depth = 1 + max((int(m[1]) for k in given if (m := pattern.fullmatch(k))), default=-1)
+    missing = {k: pattern.fullmatch(k) for k in weights if k.startswith(tower) and k not in given}
+    if any(m is None or int(m[1]) < depth for m in missing.values()):
+        raise ConfigError(f"--init-vision {path}: lacks tensors of the tower these flags build: {', '.join(sorted(missing)[:3])}")
+    for n in {m[1] for m in missing.values()}:
+        if not FAMILY.block_outputs or not set(FAMILY.block_outputs) <= {m[2] for m in missing.values() if m[1] == n}:
             raise ConfigError(f"--init-vision {path}: the {FAMILY.model_type} family's block_outputs {FAMILY.block_outputs} "
-                              f"are not the residual outputs of its vision block {n}")
-    return zeroed
+                              f"are not projections of its vision block {n}")
+    return {k: torch.zeros_like(weights[k]) for k, m in missing.items() if m[2] in FAMILY.block_outputs}
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
