@@ -20,6 +20,7 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -150,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "exported model directory such as models/luvc-tiny-qwen2vl-wip (bf16 weights, read as fp32)")
     p.add_argument("--init-vision", default=None,
                    help="warm start the vision tower and its merger from this ckpt.pt or model directory instead of --init's "
-                        "(the rest from --init, or fresh): e.g. a vision-only run of another --vision-dim with a trained LLM")
+                        "(the rest from --init, or fresh): e.g. a vision-only run of another --vision-dim with a trained LLM; "
+                        "--hidden must be PATH's, since the merger writes the LLM's width")
     p.add_argument("--export", default=None, help="write the final HF model directory here")
     p.add_argument("--minutes", type=float, default=None, help="training time budget over all resumes; the LR decays to it, then stop, save, export")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint period")
@@ -657,7 +659,7 @@ def _fitting(weights: dict[str, Tensor], path: str, flag: str, taken: dict[str, 
     return taken
 
 
-def grown_blocks(weights: dict[str, Tensor], given, tower: tuple[str, ...], path: str) -> dict[str, Tensor]:
+def grown_blocks(weights: dict[str, Tensor], given: Collection[str], tower: tuple[str, ...], path: str) -> dict[str, Tensor]:
     """The tower tensors that `given` lacks, which must be whole blocks above the given ones; their residual
     outputs zeroed."""
     pattern = re.compile(rf"(?:{'|'.join(map(re.escape, tower))})blocks\.(\d+)\.(.*)\.[^.]+")
