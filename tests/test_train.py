@@ -539,8 +539,8 @@ def test_an_exported_model_of_another_architecture_is_refused_as_init(tmp_path, 
     train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
     with pytest.raises(ConfigError, match="rope_parameters"):  # same tensor shapes: load_state_dict alone would accept it
         train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--init", str(out), "--rope-theta", "100"))
-    assert main(["train", *TINY, "--out", str(tmp_path / "other"), "--steps", "1", "--init", str(out), "--text-layers", "3"]) == 2
-    assert "num_hidden_layers (2 there, 3 here)" in capsys.readouterr().err
+    assert main(["train", *TINY, "--out", str(tmp_path / "other"), "--steps", "1", "--init", str(out), "--text-layers", "1"]) == 2
+    assert "num_hidden_layers (2 there, 1 here)" in capsys.readouterr().err
 
 
 def test_init_vision_takes_the_tower_from_one_model_and_the_rest_from_another(tmp_path):
@@ -577,12 +577,32 @@ def test_init_vision_grows_a_shallower_tower_without_changing_what_it_computes(t
         grown, given = (FAMILY.vision(m)(batch["pixel_values"], grid_thw=batch["image_grid_thw"]) for m in (model, source))
     torch.testing.assert_close(grown, given)
     monkeypatch.setattr(FAMILY, "block_outputs", ("attn.proj", "mlp.down_proj"))  # names its blocks do not have
-    with pytest.raises(ConfigError, match="block_outputs .* are not projections of its vision block"):
+    with pytest.raises(ConfigError, match="outputs .* are not projections of its layer \\d"):
         start_weights(deeper, model)
     monkeypatch.undo()
     train(deeper)
     with pytest.raises(ConfigError, match="--init-vision .*depth \\(3 there, 1 here\\)"):  # deeper: not a growth
         train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--init-vision", str(tmp_path / "deep")))
+
+
+def test_init_grows_a_shallower_llm_and_tower_without_changing_what_they_compute(tmp_path):
+    source_dir = tmp_path / "source"
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(source_dir)))  # TINY: 2 LLM layers, 1 block
+    deeper = args_for("--out", str(tmp_path / "deeper"), "--steps", "1", "--text-layers", "4", "--vision-depth", "2",
+                      "--init", str(source_dir), "--export", str(tmp_path / "deep"))
+    tokenizer = build_tokenizer(FAMILY.chat)
+    model, source = build_model(deeper, tokenizer), Qwen2VLForConditionalGeneration.from_pretrained(source_dir, torch_dtype=torch.float32)
+    model.load_state_dict(start_weights(deeper, model))
+    layers = model.model.language_model.layers
+    assert len(layers) == 4 and all(layers[i].self_attn.o_proj.weight.abs().sum() == 0 for i in (2, 3))
+    assert layers[2].self_attn.q_proj.weight.abs().sum() > 0  # only the residual outputs are zeroed
+    batch, _ = make_batch(7, range(2), tokenizer, image_processor(112 * 112))
+    with torch.no_grad():
+        grown, given = (m(**batch).logits for m in (model.eval(), source.eval()))
+    torch.testing.assert_close(grown, given)
+    assert train(deeper)["step"] == 1
+    with pytest.raises(ConfigError, match="--init .*num_hidden_layers \\(4 there, 2 here\\)"):  # deeper: not a growth
+        train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--init", str(tmp_path / "deep")))
 
 
 @pytest.mark.parametrize("seed", [2000, 3000])

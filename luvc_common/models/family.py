@@ -69,6 +69,8 @@ class Family:
     block_outputs: ClassVar[tuple[str, ...]] = ()
     """Names (within a vision block) of the projections that write into the residual stream: zeroed, the block is
     the identity, which is how a trained tower grows deeper without changing what it computes."""
+    layer_outputs: ClassVar[tuple[str, ...]] = ("self_attn.o_proj", "mlp.down_proj")
+    """The same for an LLM decoder layer (transformers' Qwen2, Qwen3 and Llama layers alike)."""
 
     # checkpoints
     def tiny_config(self, tokenizer, **sizes: Any):

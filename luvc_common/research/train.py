@@ -20,7 +20,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -148,7 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
     p.add_argument("--init", default=None,
                    help="warm start (fresh optimizer and schedule): model weights from another run's ckpt.pt, or from an "
-                        "exported model directory such as models/luvc-tiny-qwen2vl-wip (bf16 weights, read as fp32)")
+                        "exported model directory such as models/luvc-tiny-qwen2vl-wip (bf16 weights, read as fp32); a "
+                        "shallower LLM or tower than --text-layers / --vision-depth grows by identity layers on top")
     p.add_argument("--init-vision", default=None,
                    help="warm start the vision tower and its merger from this ckpt.pt or model directory instead of --init's "
                         "(the rest from --init, or fresh): e.g. a vision-only run of another --vision-dim with a trained LLM; "
@@ -616,38 +617,60 @@ def save_checkpoint(path: Path, model, optimizer, schedule: Schedule, step: int,
 
 
 def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_config", "vision_config"),
-                    flag: str = "--init", shallower: bool = False) -> dict[str, Tensor]:
+                    flag: str = "--init") -> dict[str, Tensor]:
     """Weights for `model` from a run's ckpt.pt or an exported HF model directory, whose architecture (rotary
-    settings included, which change no tensor shape) must be the one the run's flags build in the config `parts`;
-    shallower: its vision tower may have fewer blocks."""
+    settings included, which change no tensor shape) must be the one the run's flags build in the config `parts`,
+    but for depth: its LLM and tower may have fewer layers (start_weights grows them)."""
     device = next(model.parameters()).device
     if not Path(path).is_dir():
         return torch.load(path, weights_only=False, map_location=device)["model"]
     exported = FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32)
     for part in parts:
         want, got = (getattr(m.config, part).to_dict() for m in (model, exported))
-        fine = lambda k: k == "dtype" or want.get(k) == got.get(k) or (shallower and k == "depth" and got[k] < want[k])
-        differ = sorted(k for k in want.keys() | got.keys() if not fine(k))
+        differ = sorted(k for k in want.keys() | got.keys() if not (k == "dtype" or want.get(k) == got.get(k) or _shallower(k, got.get(k), want.get(k))))
         if differ:
             raise ConfigError(f"{flag} {path}: its {part} differs from the one these flags build in "
                               + ", ".join(f"{k} ({got.get(k)} there, {want.get(k)} here)" for k in differ))
     return exported.to(device).state_dict()
 
 
+def _shallower(key: str, got, want) -> bool:
+    """Whether config field `key` says `got`'s stack is `want`'s with fewer layers on top."""
+    if got is None or want is None:
+        return False
+    if key in ("depth", "num_hidden_layers"):
+        return got < want
+    return key == "layer_types" and want[: len(got)] == got  # one entry per LLM layer
+
+
 def start_weights(args: argparse.Namespace, model) -> dict[str, Tensor]:
     """The model's fresh weights, replaced by --init's (all but the vision tower and merger when --init-vision is
-    given) and the tower's and merger's by --init-vision's. A tower shallower than --vision-depth grows: the blocks
-    it lacks go on top as identities (FAMILY.block_outputs zeroed), so the grown tower computes what it did."""
+    given) and the tower's and merger's by --init-vision's. A source shallower than the flags' LLM or tower grows:
+    the layers it lacks go on top as identities (their residual-stream outputs zeroed), so it computes what it did."""
     weights, tower = model.state_dict(), tuple(f"model.{name}." for name in FAMILY.vision_modules)
+    in_tower = lambda k: k.startswith(tower)
+    llm_stack = (lambda k: not in_tower(k), LLM_LAYERS, FAMILY.layer_outputs)
+    tower_stack = (in_tower, _tower_blocks(tower), FAMILY.block_outputs)
     if args.init:
         parts = ("text_config",) if args.init_vision else ("text_config", "vision_config")
         init = initial_weights(args.init, model, parts)
-        weights |= _fitting(weights, args.init, "--init", {k: v for k, v in init.items() if not (args.init_vision and k.startswith(tower))})
+        init = _fitting(weights, args.init, "--init", {k: v for k, v in init.items() if not (args.init_vision and in_tower(k))})
+        for stack in (llm_stack,) if args.init_vision else (llm_stack, tower_stack):
+            init |= grown_layers(weights, init.keys(), *stack, f"--init {args.init}")
+        weights |= init
     if args.init_vision:
-        eyes = initial_weights(args.init_vision, model, ("vision_config",), "--init-vision", shallower=True)
-        eyes = _fitting(weights, args.init_vision, "--init-vision", {k: v for k, v in eyes.items() if k.startswith(tower)})
-        weights |= eyes | grown_blocks(weights, eyes.keys(), tower, args.init_vision)
+        eyes = initial_weights(args.init_vision, model, ("vision_config",), "--init-vision")
+        eyes = _fitting(weights, args.init_vision, "--init-vision", {k: v for k, v in eyes.items() if in_tower(k)})
+        weights |= eyes | grown_layers(weights, eyes.keys(), *tower_stack, f"--init-vision {args.init_vision}")
     return weights
+
+
+LLM_LAYERS = re.compile(r"model\.language_model\.layers\.(\d+)\.(.*)\.[^.]+")
+"""A tensor of an LLM decoder layer: (layer, module within it)."""
+
+
+def _tower_blocks(tower: tuple[str, ...]) -> re.Pattern:
+    return re.compile(rf"(?:{'|'.join(map(re.escape, tower))})blocks\.(\d+)\.(.*)\.[^.]+")
 
 
 def _fitting(weights: dict[str, Tensor], path: str, flag: str, taken: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -659,19 +682,19 @@ def _fitting(weights: dict[str, Tensor], path: str, flag: str, taken: dict[str, 
     return taken
 
 
-def grown_blocks(weights: dict[str, Tensor], given: Collection[str], tower: tuple[str, ...], path: str) -> dict[str, Tensor]:
-    """The tower tensors that `given` lacks, which must be whole blocks above the given ones; their residual
-    outputs zeroed."""
-    pattern = re.compile(rf"(?:{'|'.join(map(re.escape, tower))})blocks\.(\d+)\.(.*)\.[^.]+")
-    depth = 1 + max((int(m[1]) for k in given if (m := pattern.fullmatch(k))), default=-1)
-    missing = {k: pattern.fullmatch(k) for k in weights if k.startswith(tower) and k not in given}
+def grown_layers(weights: dict[str, Tensor], given: Collection[str], scope: Callable[[str], bool], layer: re.Pattern, outputs: tuple[str, ...],
+                 source: str) -> dict[str, Tensor]:
+    """The tensors of `weights` in `scope` (a key predicate) that `given` lacks, which must be whole layers
+    (`layer` matches a layer tensor's key: index, module) above the given ones; their `outputs` zeroed."""
+    depth = 1 + max((int(m[1]) for k in given if (m := layer.fullmatch(k))), default=-1)
+    missing = {k: layer.fullmatch(k) for k in weights if scope(k) and k not in given}
     if any(m is None or int(m[1]) < depth for m in missing.values()):
-        raise ConfigError(f"--init-vision {path}: lacks tensors of the tower these flags build: {', '.join(sorted(missing)[:3])}")
+        raise ConfigError(f"{source}: lacks tensors of the model these flags build: {', '.join(sorted(missing)[:3])}")
     for n in {m[1] for m in missing.values()}:
-        if not FAMILY.block_outputs or not set(FAMILY.block_outputs) <= {m[2] for m in missing.values() if m[1] == n}:
-            raise ConfigError(f"--init-vision {path}: the {FAMILY.model_type} family's block_outputs {FAMILY.block_outputs} "
-                              f"are not projections of its vision block {n}")
-    return {k: torch.zeros_like(weights[k]) for k, m in missing.items() if m[2] in FAMILY.block_outputs}
+        if not outputs or not set(outputs) <= {m[2] for m in missing.values() if m[1] == n}:
+            raise ConfigError(f"{source}: the {FAMILY.model_type} family's outputs {outputs} are not projections of its layer "
+                              f"{n} ({', '.join(sorted({m[2] for m in missing.values() if m[1] == n}))})")
+    return {k: torch.zeros_like(weights[k]) for k, m in missing.items() if m[2] in outputs}
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
