@@ -26,12 +26,15 @@
 #            The seventeenth session's kept weights came from those by 45 min of the four object tasks and 25 min of
 #            `mix`, both with --question-weight 1 (commands in docs/training.md; the flag is untried from scratch).
 #            The eighteenth session's kept weights (73.7%) are 120 more minutes of `mix` from those (lr 5e-4, seed 1801).
+#            The twenty-third session's kept weights (74.7%) grew those to 6 LLM layers and ran 95 more minutes of
+#            `mix` with count drawn twice (seed 2401); so `mix` builds 6 layers (--text-layers 6), growing a 4-layer
+#            --init by two identity layers on top.
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `mix` stage)
 # Extra flags go to every stage, e.g. on a GPU box:  tools/train_default_model.sh --device cuda --workers 8
 # Export a checkpoint at any time:
-#   .venv/bin/python tools/export_checkpoint.py runs/default/mix/ckpt.pt runs/default/export --max-pixels 50176 --rope-theta 100
+#   .venv/bin/python tools/export_checkpoint.py runs/default/mix/ckpt.pt runs/default/export --max-pixels 50176 --rope-theta 100 --text-layers 6
 # Evaluate with:  .venv/bin/luvc eval --model runs/default/export --methods none,luvc
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,5 +52,5 @@ if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --ini
   stage shape --seed 1304 --tasks shape --max-distractors 0 --minutes 10 "$@" --init "$run/lone/ckpt.pt"
   set -- "$@" --init "$run/shape/ckpt.pt"
 fi
-stage mix --seed 1404 --lr 5e-4 --curriculum 800 --minutes 55 --tasks color,shape,count,position,read,read,chart \
+stage mix --seed 1404 --lr 5e-4 --curriculum 800 --minutes 55 --tasks color,shape,count,position,read,read,chart --text-layers 6 \
   --char-slots 4 --export "$run/export" "$@"
