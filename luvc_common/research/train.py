@@ -627,7 +627,8 @@ def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_con
     exported = FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32)
     for part in parts:
         want, got = (getattr(m.config, part).to_dict() for m in (model, exported))
-        differ = sorted(k for k in want.keys() | got.keys() if not (k == "dtype" or want.get(k) == got.get(k) or _shallower(k, got.get(k), want.get(k))))
+        same = lambda k: k == "dtype" or want.get(k) == got.get(k) or _shallower(k, got.get(k), want.get(k))
+        differ = sorted(k for k in want.keys() | got.keys() if not same(k))
         if differ:
             raise ConfigError(f"{flag} {path}: its {part} differs from the one these flags build in "
                               + ", ".join(f"{k} ({got.get(k)} there, {want.get(k)} here)" for k in differ))
@@ -682,8 +683,8 @@ def _fitting(weights: dict[str, Tensor], path: str, flag: str, taken: dict[str, 
     return taken
 
 
-def grown_layers(weights: dict[str, Tensor], given: Collection[str], scope: Callable[[str], bool], layer: re.Pattern, outputs: tuple[str, ...],
-                 source: str) -> dict[str, Tensor]:
+def grown_layers(weights: dict[str, Tensor], given: Collection[str], scope: Callable[[str], bool], layer: re.Pattern,
+                 outputs: tuple[str, ...], source: str) -> dict[str, Tensor]:
     """The tensors of `weights` in `scope` (a key predicate) that `given` lacks, which must be whole layers
     (`layer` matches a layer tensor's key: index, module) above the given ones; their `outputs` zeroed."""
     depth = 1 + max((int(m[1]) for k in given if (m := layer.fullmatch(k))), default=-1)
