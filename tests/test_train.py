@@ -594,7 +594,8 @@ def test_init_grows_a_shallower_llm_and_tower_without_changing_what_they_compute
     model, source = build_model(deeper, tokenizer), Qwen2VLForConditionalGeneration.from_pretrained(source_dir, torch_dtype=torch.float32)
     model.load_state_dict(start_weights(deeper, model))
     layers = model.model.language_model.layers
-    assert len(layers) == 4 and all(layers[i].self_attn.o_proj.weight.abs().sum() == 0 for i in (2, 3))
+    assert len(layers) == 4 and all(layers[i].self_attn.o_proj.weight.abs().sum() == 0 == layers[i].mlp.down_proj.weight.abs().sum()
+                                    for i in (2, 3))
     assert layers[2].self_attn.q_proj.weight.abs().sum() > 0  # only the residual outputs are zeroed
     batch, _ = make_batch(7, range(2), tokenizer, image_processor(112 * 112))
     with torch.no_grad():
@@ -603,6 +604,11 @@ def test_init_grows_a_shallower_llm_and_tower_without_changing_what_they_compute
     assert train(deeper)["step"] == 1
     with pytest.raises(ConfigError, match="--init .*num_hidden_layers \\(4 there, 2 here\\)"):  # deeper: not a growth
         train(args_for("--out", str(tmp_path / "no"), "--steps", "1", "--init", str(tmp_path / "deep")))
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
+    for lost in ("model.language_model.norm.weight", "model.language_model.layers.0.mlp.up_proj.weight"):  # not a layer on top
+        torch.save({"model": {k: v for k, v in saved.items() if k != lost}}, tmp_path / "holed.pt")
+        with pytest.raises(ConfigError, match=f"--init .*holed.pt: lacks tensors .*{lost}"):
+            start_weights(args_for("--init", str(tmp_path / "holed.pt"), "--text-layers", "4"), model)
 
 
 @pytest.mark.parametrize("seed", [2000, 3000])

@@ -689,8 +689,9 @@ def grown_layers(weights: dict[str, Tensor], given: Collection[str], scope: Call
     (`layer` matches a layer tensor's key: index, module) above the given ones; their `outputs` zeroed."""
     depth = 1 + max((int(m[1]) for k in given if (m := layer.fullmatch(k))), default=-1)
     missing = {k: layer.fullmatch(k) for k in weights if scope(k) and k not in given}
-    if any(m is None or int(m[1]) < depth for m in missing.values()):
-        raise ConfigError(f"{source}: lacks tensors of the model these flags build: {', '.join(sorted(missing)[:3])}")
+    holes = sorted(k for k, m in missing.items() if m is None or int(m[1]) < depth)
+    if holes:
+        raise ConfigError(f"{source}: lacks tensors of the model these flags build: {', '.join(holes[:3])}")
     for n in {m[1] for m in missing.values()}:
         if not outputs or not set(outputs) <= {m[2] for m in missing.values() if m[1] == n}:
             raise ConfigError(f"{source}: the {FAMILY.model_type} family's outputs {outputs} are not projections of its layer "
