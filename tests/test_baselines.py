@@ -100,9 +100,12 @@ def test_method_specs():
     assert luvc.oim == OIMConfig(merge_depths=(0.25, 0.75), first_axis="h", llm_positions="source")
     assert luvc.spu == SPUConfig(stages=((0.5, 0.25), (0.75, 0.0)), cutoff=0.3, mode="resample")
     assert method_config("luvc:merges=none").oim is None and method_config("luvc:spu=none").spu is None
+    assert method_config("luvc").oim is None and method_config("luvc").spu == SPUConfig()  # OIM is off by default
+    assert method_config("luvc:axis=h").oim == OIMConfig(first_axis="h")  # any OIM knob turns it on
+    assert method_spec(method_config("luvc:axis=h")) == "luvc:merges=0.5,axis=h"
     assert set(get("luvc").spec_keys.values()) == {f.name for f in fields(OIMConfig) + fields(SPUConfig)}  # every knob
     for spec in ("none", "luvc", "tome", "dart:keep=0.3,layer=0.5", "random:keep=0.125,seed=7", "visionzip:dominant=0.5",
-                 "luvc:merges=none", "luvc:spu=none,positions=grid", "luvc:merges=0.5/0.5,window=gaussian,spu=0.1:0.9/0.2:0"):
+                 "luvc:merges=none", "luvc:merges=0.5", "luvc:axis=h", "luvc:spu=none,positions=grid", "luvc:merges=0.5/0.5,window=gaussian,spu=0.1:0.9/0.2:0"):
         assert method_config(method_spec(method_config(spec))) == method_config(spec)
     assert method_spec(luvc) == "luvc:merges=0.25/0.75,axis=h,llm_positions=source,spu=0.5:0.25/0.75:0.0,cutoff=0.3,mode=resample"
     for bad, words in [("tome:keep=0", "keep_ratio"), ("luvc:keep=0.5", "name[:key=value"), ("fastv:bogus=1", "keys"),

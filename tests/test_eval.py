@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from luvc_common.cli import main
-from luvc_common.compression.config import SPUConfig
+from luvc_common.compression.config import OIMConfig, SPUConfig
 from luvc_common.compression.methods import budget_unset, method_config, split_specs
 from luvc_common.research.evaluate import _runs, config_label, evaluate, score, synthvqa_split
 from luvc_common.compression.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
@@ -43,6 +43,7 @@ def test_score_normalises_and_splits_by_task():
 def test_config_labels_are_the_specs_that_make_them():
     assert config_label(method_config("luvc")) == "luvc"
     assert config_label(method_config("luvc", spu=None)) == "luvc:spu=none"
+    assert config_label(method_config("luvc", oim=OIMConfig())) == "luvc:merges=0.5"
     assert config_label(method_config("luvc", spu=SPUConfig(mode="resample"))) == "luvc:mode=resample"
     assert config_label(method_config("tome:keep=0.125")) == "tome:keep=0.125"
     assert config_label(method_config("none", spu=SPUConfig())) == "none[spu=on]"  # no spec reaches it
@@ -74,18 +75,19 @@ def data(tmp_path_factory):
 
 def test_evaluate_reports_every_method_against_none(tiny_qwen2vl, data):
     luvc = method_config("luvc")
-    report = evaluate(tiny_qwen2vl, load_jsonl(data), {"luvc": luvc, "luvc-resample": replace(luvc, spu=SPUConfig(mode="resample"))},
-                      limit=6, progress=False, max_new_tokens=3)
+    methods = {"luvc": luvc, "luvc-oim": method_config("luvc:merges=0.5"), "luvc-resample": replace(luvc, spu=SPUConfig(mode="resample"))}
+    report = evaluate(tiny_qwen2vl, load_jsonl(data), methods, limit=6, progress=False, max_new_tokens=3)
     results = {r["method"]: r for r in report["results"]}
-    assert list(results) == ["none", "luvc", "luvc-resample"] and report["n"] == 6
+    assert list(results) == ["none", "luvc", "luvc-oim", "luvc-resample"] and report["n"] == 6
     for r in results.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_task"]) == set(TASKS)
         assert all(0.0 <= a <= 1.0 for a in r["per_task"].values())
         assert r["n"] == 6 and r["llm_prefill_speedup"] > 0
     assert results["none"]["llm_flops_ratio"] == 1.0 and results["none"]["llm_prefill_speedup"] == 1.0
-    assert results["luvc"]["visual_tokens_llm_in"] < results["none"]["visual_tokens_llm_in"] / 1.9
-    assert results["luvc"]["llm_flops_ratio"] > 2.0
-    assert results["luvc"]["visual_tokens_per_layer"][-1] == 0
+    assert results["luvc"]["visual_tokens_llm_in"] == results["none"]["visual_tokens_llm_in"]  # SPU acts inside the LLM
+    assert results["luvc-oim"]["visual_tokens_llm_in"] < results["none"]["visual_tokens_llm_in"] / 1.9
+    assert 1.0 < results["luvc"]["llm_flops_ratio"] < results["luvc-oim"]["llm_flops_ratio"]
+    assert results["luvc"]["visual_tokens_per_layer"][-1] == results["luvc-oim"]["visual_tokens_per_layer"][-1] == 0
 
 
 def test_cli_writes_json_and_plot(tiny_qwen2vl, data, tmp_path):

@@ -82,16 +82,20 @@ def test_compression_off_equals_stock_generate(case, pipeline, stock, demo_image
     assert result.visual_tokens["llm_per_layer"] == [len(encoded.embeds)] * 4
 
 
-def test_luvc_halves_encoder_output_and_empties_the_last_layer(pipeline, demo_image, demo_video):
+@pytest.mark.parametrize("spec, merged", [("luvc", False), ("luvc:merges=0.5", True)])
+def test_luvc_empties_the_last_layer_and_an_oim_step_halves_encoder_output(pipeline, demo_image, demo_video, spec, merged):
     for media in ([demo_image], [demo_image, demo_video]):
         none = pipeline.generate(media, "What color is the circle?", method_config("none"), 4)
-        luvc = pipeline.generate(media, "What color is the circle?", method_config("luvc"), 4)
+        luvc = pipeline.generate(media, "What color is the circle?", method_config(spec), 4)
         assert luvc.visual_tokens["vit_patches"] == none.visual_tokens["vit_patches"]
-        assert 2 * luvc.visual_tokens["encoder_out"] <= none.visual_tokens["encoder_out"]
+        if merged:
+            assert 2 * luvc.visual_tokens["encoder_out"] <= none.visual_tokens["encoder_out"]
+            assert len(luvc.prompt_ids) < len(none.prompt_ids)
+        else:
+            assert luvc.visual_tokens["encoder_out"] == none.visual_tokens["encoder_out"] and luvc.prompt_ids == none.prompt_ids
         per_layer = luvc.visual_tokens["llm_per_layer"]
         assert per_layer[0] == luvc.visual_tokens["encoder_out"] and per_layer[-1] == 0
-        assert per_layer == sorted(per_layer, reverse=True)
-        assert len(luvc.prompt_ids) < len(none.prompt_ids)
+        assert per_layer == sorted(per_layer, reverse=True) and per_layer[1] < per_layer[0]
 
 
 def test_whole_path_runs_without_attention_weights(tiny_model, demo_image, demo_video):
@@ -107,9 +111,10 @@ def test_whole_path_runs_without_attention_weights(tiny_model, demo_image, demo_
 def test_cli_generate_json_contract(tmp_path):
     cmd = [sys.executable, "-m", "luvc_common.cli", "generate", "--image", str(conftest.ASSETS / "demo.png"),
            "--prompt", "What color is the circle?", "--max-new-tokens", "4", "--json"]
-    runs = {m: json.loads(subprocess.run(cmd + ["--method", m], capture_output=True, text=True, check=True).stdout) for m in ("none", "luvc")}
+    runs = {m: json.loads(subprocess.run(cmd + ["--method", m], capture_output=True, text=True, check=True).stdout)
+            for m in ("none", "luvc:merges=0.5")}
     for out in runs.values():
         assert set(out) >= {"model", "prompt_ids", "token_ids", "text", "visual_tokens", "timings_ms"}
         assert out["model"].endswith("luvc-tiny-qwen2vl") and len(out["visual_tokens"]["llm_per_layer"]) == 4
-    assert 2 * runs["luvc"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
-    assert runs["luvc"]["visual_tokens"]["llm_per_layer"][-1] == 0
+    assert 2 * runs["luvc:merges=0.5"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
+    assert runs["luvc:merges=0.5"]["visual_tokens"]["llm_per_layer"][-1] == 0

@@ -29,6 +29,8 @@ from luvc_common.models.tiny import save_random_checkpoint
 from luvc_common.serving.launch import Service
 
 QUESTION = "What color is the circle?"
+LUVC = "luvc:merges=0.5"
+"""LUVC with one OIM step (OIM is off in the default spec): these tests exercise the InternVL tower's merging."""
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
@@ -125,7 +127,7 @@ def test_video_prompt_is_the_processors_run_per_frame(pipeline, demo_video):
 def test_oim_at_most_halves_the_encoder_output_on_one_shared_grid(pipeline, demo_image, demo_video):
     media = [demo_image, _square_image(), demo_video]
     none = pipeline.generate(media, QUESTION, method_config("none"), 4)
-    oim = pipeline.generate(media, QUESTION, method_config("luvc", spu=None), 4)
+    oim = pipeline.generate(media, QUESTION, method_config(LUVC, spu=None), 4)
     assert oim.visual_tokens["vit_patches"] == none.visual_tokens["vit_patches"] == 26 * 64
     assert 2 * oim.visual_tokens["encoder_out"] <= none.visual_tokens["encoder_out"]
     assert oim.visual_tokens["grids"] == [[9, 8, 4], [13, 8, 4], [4, 8, 4]]  # every tile and frame merged along w alike
@@ -134,19 +136,19 @@ def test_oim_at_most_halves_the_encoder_output_on_one_shared_grid(pipeline, demo
 
 def test_spu_counts_follow_the_schedule_and_end_at_zero(pipeline, demo_image, demo_video):
     gen = pipeline.generator
-    encoded = pipeline.encoder.encode([demo_image, demo_video, _square_image()], method_config("luvc"))
+    encoded = pipeline.encoder.encode([demo_image, demo_video, _square_image()], method_config(LUVC))
     ids = gen.prompt_ids(QUESTION, encoded)
     spu = SPUConfig(stages=((0.25, 0.5), (0.5, 0.2), (0.75, 0.0)))
-    state = gen.engine.prefill([Request(ids, encoded)], method_config("luvc", spu=spu))
+    state = gen.engine.prefill([Request(ids, encoded)], method_config(LUVC, spu=spu))
     per_item = encoded.token_counts(2)
     expected = [len(encoded.embeds), *(sum(round(r * n) for n in per_item) for r in (0.5, 0.2, 0.0))]
     assert state.visual_per_layer[0] == expected
     assert [layer.keys.shape[2] for layer in state.cache.layers] == [len(ids) - expected[0] + n for n in expected]
-    result = pipeline.generate([demo_image], QUESTION, method_config("luvc"), 4)
+    result = pipeline.generate([demo_image], QUESTION, method_config(LUVC), 4)
     assert result.visual_tokens["llm_per_layer"][-1] == 0
 
 
-@pytest.mark.parametrize("method", ["none", "luvc"])
+@pytest.mark.parametrize("method", ["none", LUVC])
 def test_cached_decode_equals_recomputation(pipeline, demo_image, demo_video, method):
     gen = pipeline.generator
     cfg = method_config(method)
@@ -161,17 +163,17 @@ def test_cached_decode_equals_recomputation(pipeline, demo_image, demo_video, me
 
 
 def test_source_llm_positions_are_refused_for_1d_rope(pipeline, demo_image):
-    cfg = method_config("luvc", oim=OIMConfig(llm_positions="source"))
+    cfg = method_config(LUVC, oim=OIMConfig(llm_positions="source"))
     encoded = pipeline.encoder.encode([demo_image], cfg)
     with pytest.raises(ConfigError, match='oim.llm_positions="source" is not supported for internvl'):
         pipeline.generator.engine.prefill([Request(pipeline.generator.prompt_ids(QUESTION, encoded), encoded)], cfg)
-    assert pipeline.generate([demo_image], QUESTION, method_config("luvc"), 2).token_ids  # and the engine still serves
+    assert pipeline.generate([demo_image], QUESTION, method_config(LUVC), 2).token_ids  # and the engine still serves
 
 
 def test_batch_with_padding_equals_requests_alone(pipeline, demo_image):
     """1D positions count from each row's first real token, so left padding changes nothing."""
     gen = pipeline.generator
-    cfg = method_config("luvc")
+    cfg = method_config(LUVC)
     a = pipeline.encoder.encode([demo_image], cfg)
     b = pipeline.encoder.encode([_square_image()], cfg)
     ra, rb = Request(gen.prompt_ids(QUESTION, a), a), Request(gen.prompt_ids("Where is the red square?", b), b)
@@ -219,9 +221,9 @@ def test_cli_generate_on_an_internvl_directory(tiny_internvl):
     cmd = [sys.executable, "-m", "luvc_common.cli", "generate", "--model", tiny_internvl, "--image",
            str(conftest.ASSETS / "demo.png"), "--prompt", QUESTION, "--max-new-tokens", "4", "--json"]
     runs = {m: json.loads(subprocess.run(cmd + ["--method", m], capture_output=True, text=True, check=True).stdout)
-            for m in ("none", "luvc")}
-    assert 2 * runs["luvc"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
-    assert runs["luvc"]["visual_tokens"]["llm_per_layer"][-1] == 0
+            for m in ("none", LUVC)}
+    assert 2 * runs[LUVC]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
+    assert runs[LUVC]["visual_tokens"]["llm_per_layer"][-1] == 0
 
 
 @pytest.mark.parametrize("spec, keep", [("fastv:keep=0.3", 0.3), ("dart:keep=0.3", 0.3), ("pool:keep=0.25", 0.25),
@@ -247,7 +249,7 @@ def test_proportional_block_without_sizes_is_the_block(pipeline, demo_image):
 def test_spu_resample_mode_on_1d_positions(pipeline, demo_image, demo_video):
     """A video's frames are separate runs; its resampled tokens take the place of its first run."""
     gen = pipeline.generator
-    cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
+    cfg = method_config(LUVC, spu=SPUConfig(mode="resample"))
     encoded = pipeline.encoder.encode([demo_image, demo_video], cfg)
     ids = gen.prompt_ids(QUESTION, encoded)
     state = gen.engine.prefill([Request(ids, encoded)], cfg)
@@ -267,14 +269,14 @@ def test_services_serve_it_unchanged(tiny_internvl, pipeline, demo_image, demo_v
         with LUVCClient(llm.target) as client:
             media = [image_file(conftest.ASSETS / "demo.png"), video_dir(conftest.ASSETS / "demo_video")]
             remote = {m: client.generate(QUESTION, media, method=m, max_new_tokens=6, wire_dtype="FP32", timeout=120)
-                      for m in ("none", "luvc")}
+                      for m in ("none", LUVC)}
     finally:
         llm.stop()
         encoder.stop()
     for method, answer in remote.items():
         local = pipeline.generate([demo_image, demo_video], QUESTION, method_config(method), 6)
         assert list(answer.token_ids) == local.token_ids and list(answer.llm_per_layer) == local.visual_tokens["llm_per_layer"]
-    assert 2 * remote["luvc"].payload_bytes <= remote["none"].payload_bytes
+    assert 2 * remote[LUVC].payload_bytes <= remote["none"].payload_bytes
 
 
 def test_bench_shape_has_internvl3_1b_sizes():

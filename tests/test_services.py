@@ -116,14 +116,15 @@ def test_streamed_chunks_add_up_to_the_answer(client):
 
 
 @pytest.mark.parametrize("dtype, itemsize", [("BF16", 2), ("FP16", 2), ("FP32", 4)])
-def test_luvc_payload_is_at_most_half(client, dtype, itemsize):
-    none = client.generate(PROMPT, [image_file(DEMO)], method="none", max_new_tokens=2, wire_dtype=dtype, timeout=60)
-    luvc = client.generate(PROMPT, [image_file(DEMO)], method="luvc", max_new_tokens=2, wire_dtype=dtype, timeout=60)
+def test_an_oim_step_halves_the_payload_and_the_default_luvc_leaves_it(client, dtype, itemsize):
+    none, default, oim = (client.generate(PROMPT, [image_file(DEMO)], method=m, max_new_tokens=2, wire_dtype=dtype, timeout=60)
+                          for m in ("none", "luvc", "luvc:merges=0.5"))
     hidden = 256
     assert none.payload_bytes == none.encoder_out * hidden * itemsize == none.payload_bytes_uncompressed
-    assert luvc.payload_bytes == luvc.encoder_out * hidden * itemsize
-    assert luvc.payload_bytes_uncompressed == none.payload_bytes
-    assert 2 * luvc.payload_bytes <= none.payload_bytes
+    assert oim.payload_bytes == oim.encoder_out * hidden * itemsize
+    assert oim.payload_bytes_uncompressed == none.payload_bytes
+    assert 2 * oim.payload_bytes <= none.payload_bytes
+    assert default.payload_bytes == none.payload_bytes  # OIM is off by default; SPU prunes inside the LLM
 
 
 def test_precomputed_visual_tokens_give_the_same_answer(client, encoder_client):
@@ -177,7 +178,7 @@ BAD_REQUESTS = {
     "wrong dtype": (lambda c, e: c.generate(PROMPT, visual=_visual(e, dtype="INT8")), "dtype"),
     "wrong shape": (lambda c, e: c.generate(PROMPT, visual=_visual(e, tokens=to_wire(torch.zeros(143, 100), "FP32"))), "shape"),
     "wrong byte count": (lambda c, e: c.generate(PROMPT, visual=_visual(e, data=b"\0" * 100)), "bytes"),
-    "NaN values": (lambda c, e: c.generate(PROMPT, visual=_visual(e, tokens=to_wire(torch.full((143, 256), float("nan")), "FP32"))), "NaN"),
+    "NaN values": (lambda c, e: c.generate(PROMPT, visual=_visual(e, "luvc:merges=0.5", tokens=to_wire(torch.full((143, 256), float("nan")), "FP32"))), "NaN"),
     "unknown method": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="magic"), "method"),
     "bad method budget": (lambda c, e: c.generate(PROMPT, [image_file(DEMO)], method="tome:keep=2"), "keep_ratio"),
     "unsorted cells": (lambda c, e: c.generate(PROMPT, visual=_visual(e, "random:keep=0.5", cells=lambda x: x[::-1]), method="random"), "cells"),

@@ -58,7 +58,8 @@ def test_select_fills_pruned_cells_from_previous_low_pass():
 
 def test_stage_layers_resolve_and_reject_collisions():
     assert stage_layers(SPUConfig().stages, 4) == {1: 0.5, 2: 0.25, 3: 0.0}
-    assert stage_layers(SPUConfig().stages, 28) == {7: 0.5, 14: 0.25, 21: 0.0}
+    assert stage_layers(SPUConfig().stages, 6) == {1: 0.5, 2: 0.25, 4: 0.0}
+    assert stage_layers(SPUConfig().stages, 28) == {5: 0.5, 11: 0.25, 19: 0.0}
     with pytest.raises(ConfigError, match="spu.stages"):
         stage_layers(((0.1, 0.5), (0.2, 0.0)), 4)  # both round to layer 0/1 on 4 layers
 

@@ -48,11 +48,13 @@ class OIMConfig:
 class SPUConfig:
     """Spectrum Pruning Unit cascade inside the LLM decoder (DESIGN 2.2)."""
 
-    stages: tuple[tuple[float, float], ...] = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.0))
+    stages: tuple[tuple[float, float], ...] = ((0.17, 0.5), (0.4, 0.25), (0.67, 0.0))
     """(relative LLM depth in (0, 1), keep ratio in [0, 1]) pairs: before the layer at that depth the
     visual tokens of each media item are cut to keep_ratio x their count at the LLM input. Depths
     strictly increase, ratios never increase, and the last ratio is 0 so no visual token reaches the
-    final layer."""
+    final layer. The default was the most accurate cascade at >= 2x theoretical LLM FLOPs in the
+    validation ablation (tools/sweep_defaults.py, docs/results.md); it resolves to distinct layers
+    on LLMs of 4 or more layers."""
     cutoff: float = 0.25
     """Low-pass cutoff as a fraction of the spatial frequency band, in (0, 1)."""
     window: str = "ideal"
@@ -109,8 +111,10 @@ class CompressionConfig:
 
     method: str = "luvc"
     """Method name: one of compression.methods.NAMES."""
-    oim: OIMConfig | None = field(default_factory=OIMConfig)
-    """Vision-side merging; None disables it."""
+    oim: OIMConfig | None = None
+    """Vision-side merging; None disables it. Off by default: every OIM setting in the validation ablation cost
+    far more accuracy than SPU alone at the same FLOPs (docs/results.md). Turn it on (spec "luvc:merges=0.5")
+    where the encoder-to-LLM payload matters more: one merge step halves it."""
     spu: SPUConfig | None = field(default_factory=SPUConfig)
     """LLM-side pruning cascade; None disables it."""
     baseline: BaselineConfig | None = None

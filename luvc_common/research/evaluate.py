@@ -36,7 +36,7 @@ i < 600 of seed 3000 (100 per task); validation (seed 2000) is for choosing defa
 SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
 SWEEP_LUVC = (None, OIMConfig(), OIMConfig(merge_depths=(0.25, 0.75)))
-"""luvc's --sweep points: 0, 1 (the default) or 2 OIM merge steps, each with the default SPU cascade."""
+"""luvc's --sweep points: 0 (the default), 1 or 2 OIM merge steps, each with the default SPU cascade."""
 
 
 def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
@@ -167,13 +167,13 @@ def _summarise(runs: dict[str, CompressionConfig], rows: dict[str, list[tuple]],
 
 def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]:
     """The configs of method specs, one per spec; with sweep, every budgeted method at SWEEP_KEEP and every
-    method with OIM (luvc) at SWEEP_LUVC."""
+    method with OIM knobs (luvc) at SWEEP_LUVC."""
     configs = []
     for spec in specs:
         cfg = method_config(spec)
         if sweep and get(cfg.method).budgeted:
             configs += [replace(cfg, baseline=replace(cfg.baseline, keep_ratio=k)) for k in SWEEP_KEEP]
-        elif sweep and cfg.oim is not None:
+        elif sweep and "merge_depths" in get(cfg.method).spec_keys.values():
             configs += [replace(cfg, oim=oim) for oim in SWEEP_LUVC]
         else:
             configs.append(cfg)

@@ -13,7 +13,12 @@ from luvc_common.compression.methods.base import (DECODER_LAYERS, VISION_BLOCKS,
 from luvc_common.errors import ConfigError
 
 PARTS = {"oim": (OIMConfig, "merge_depths"), "spu": (SPUConfig, "stages")}
-"""Part -> (its config class, the field whose spec value "none" turns the part off)."""
+"""Part -> (its config class, the field whose spec value "none" turns the part off). A part that is off by default
+(CompressionConfig's field) is on, with its class defaults, as soon as a spec sets any of its knobs."""
+
+
+def _on_by_default(part: str) -> bool:
+    return next(f for f in fields(CompressionConfig) if f.name == part).default is not None
 
 
 class SPUCascade(LayerPruner):
@@ -92,16 +97,23 @@ class LUVC(Method):
                     others = ", ".join(key[name] for name in mine if name != switch)
                     raise ConfigError(f"method luvc: {key[switch]}=none turns {part} off, so {others} cannot be set")
                 parts[part] = None
-            else:
+            elif mine or _on_by_default(part):
                 parts[part] = cls(**mine)
+            else:
+                parts[part] = None
         return CompressionConfig(method=self.name, **parts)
 
     def knobs(self, cfg: CompressionConfig) -> dict[str, object]:
+        """An off part reports its switch as None and its other knobs at their class defaults, so a spec names
+        only what differs from the method's default."""
         values: dict[str, object] = {}
-        for part, (_, switch) in PARTS.items():
+        for part, (cls, switch) in PARTS.items():
             config = getattr(cfg, part)
-            values.update({f.name: getattr(config, f.name) for f in fields(config)} if config else {switch: None})
+            values.update({f.name: getattr(config or cls(), f.name) for f in fields(cls)})
+            if config is None:
+                values[switch] = None
         return values
+
 
     def pruner(self, cfg: CompressionConfig, num_layers: int) -> SPUCascade | None:
         return SPUCascade(cfg.spu, num_layers) if cfg.spu else None
