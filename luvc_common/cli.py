@@ -144,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         encoder.start(wait=False)
         llm.start()
         encoder.wait_status("SERVING")
-        for method in ("none", "luvc"):
+        for method in ("none", "luvc", "luvc:merges=0.5"):  # the default luvc, then with one OIM step (half the payload)
             print(f"\n$ luvc client --target {llm.target} --image {args.image} --prompt {args.prompt!r} --method {method}", file=sys.stderr)
             argv = ["client", "--target", llm.target, "--image", args.image, "--prompt", args.prompt, "--method", method]
             if (code := main(argv)) != 0:
