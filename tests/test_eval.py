@@ -125,7 +125,10 @@ def test_sweep_runs_every_budget_and_plots_one_curve_per_method(tiny_qwen2vl, da
                  "--limit", "2", "--json", str(out), "--plot", str(png)]) == 0
     results = json.loads(out.read_text())["results"]
     pools = [r for r in results if r["config"]["method"] == "pool"]
-    assert len(pools) == 4 and len([r for r in results if r["config"]["method"] == "luvc"]) == 3
+    luvc = [r for r in results if r["config"]["method"] == "luvc"]
+    assert len(pools) == 4 and len(luvc) == 6 and sum(r["config"]["oim"] is not None for r in luvc) == 2
+    spu_only = [r["llm_flops_ratio"] for r in luvc if r["config"]["oim"] is None]
+    assert spu_only == sorted(spu_only) and 1 < spu_only[0] < spu_only[-1]  # SPU cascades from gentle to steep
     tokens = [r["visual_tokens_llm_in"] for r in pools]
     assert tokens == sorted(tokens, reverse=True) and len(set(tokens)) == 4  # each halving pools further
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from luvc_common.compression.grid import grid_tokens
 from luvc_common.config import DEFAULT_MODEL
-from luvc_common.compression.config import CompressionConfig, OIMConfig
+from luvc_common.compression.config import CompressionConfig, OIMConfig, SPUConfig
 from luvc_common.compression.methods import NAMES, budget_unset, get, method_config, method_spec, split_specs
 from luvc_common.errors import UserError
 
@@ -35,8 +35,11 @@ VALIDATION_SEED, TEST_SEED, TEST_N = 2000, 3000, 600
 i < 600 of seed 3000 (100 per task); validation (seed 2000) is for choosing defaults."""
 SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
-SWEEP_LUVC = (None, OIMConfig(), OIMConfig(merge_depths=(0.25, 0.75)))
-"""luvc's --sweep points: 0 (the default), 1 or 2 OIM merge steps, each with the default SPU cascade."""
+SWEEP_SPU = (((0.25, 0.5), (0.5, 0.25), (0.75, 0.0)), SPUConfig().stages, ((0.17, 0.25), (0.4, 0.1), (0.67, 0.0)),
+             ((0.17, 0.25), (0.4, 0.0)))
+"""luvc's --sweep points without OIM: SPU cascades from gentle to steep (each resolves on LLMs of 4 or more layers)."""
+SWEEP_MERGES = ((0.5,), (0.25, 0.75))
+"""luvc's --sweep points with OIM: 1 and 2 merge steps, each with the spec's SPU cascade."""
 
 
 def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
@@ -167,14 +170,16 @@ def _summarise(runs: dict[str, CompressionConfig], rows: dict[str, list[tuple]],
 
 def expand_methods(specs: Sequence[str], sweep: bool) -> list[CompressionConfig]:
     """The configs of method specs, one per spec; with sweep, every budgeted method at SWEEP_KEEP and every
-    method with OIM knobs (luvc) at SWEEP_LUVC."""
+    method with OIM knobs (luvc) at SWEEP_SPU and SWEEP_MERGES, keeping the spec's other knobs."""
     configs = []
     for spec in specs:
         cfg = method_config(spec)
         if sweep and get(cfg.method).budgeted:
             configs += [replace(cfg, baseline=replace(cfg.baseline, keep_ratio=k)) for k in SWEEP_KEEP]
         elif sweep and "merge_depths" in get(cfg.method).spec_keys.values():
-            configs += [replace(cfg, oim=oim) for oim in SWEEP_LUVC]
+            spu, oim = cfg.spu or SPUConfig(), cfg.oim or OIMConfig()
+            configs += [replace(cfg, oim=None, spu=replace(spu, stages=s)) for s in SWEEP_SPU]
+            configs += [replace(cfg, oim=replace(oim, merge_depths=d), spu=spu) for d in SWEEP_MERGES]
         else:
             configs.append(cfg)
     return configs
@@ -226,7 +231,7 @@ def plot(report: dict, path: str | Path) -> None:
     results = report["results"]
     families: dict[str, list[dict]] = defaultdict(list)
     for r in results:
-        families[r["config"]["method"]].append(r)
+        families[r["config"]["method"] + (" + OIM" if r["config"]["oim"] else "")].append(r)
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     for i, (family, rs) in enumerate(families.items()):
         color = f"C{i % 10}"
@@ -276,7 +281,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "a baseline without a budget gets --match's FLOPs ratio")
     p.add_argument("--match", default="luvc", help="method whose theoretical LLM FLOPs ratio budget-less baselines are given")
     p.add_argument("--sweep", action="store_true", help=f"every baseline at keep ratios {list(SWEEP_KEEP)}, luvc at "
-                   "0, 1 (default) and 2 OIM merge steps: one curve per method in the plot")
+                   f"{len(SWEEP_SPU)} SPU cascades without OIM and with 1 and 2 OIM merge steps: one curve per method "
+                   "(luvc with OIM its own) in the plot")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N examples")
     p.add_argument("--max-new-tokens", type=positive_int, default=8)
     p.add_argument("--json", metavar="OUT", help='write {"results": [...], ...} here')
