@@ -1,8 +1,8 @@
 """Ablation of the OIM and SPU knobs on the SynthVQA validation split (seed 2000, never trained on).
 
 Usage: python tools/sweep_defaults.py [--model DIR] [--n 300] [--json OUT] [--markdown OUT]
-Every variant changes one or two knobs of full LUVC (OIM + the first SPU cascade), or runs SPU alone with
-another stage list; the table lists accuracy, per-task accuracy, visual tokens into the LLM, theoretical
+Every variant changes one or two knobs of full LUVC (OIM + the first SPU cascade, ideal window, cutoff 0.25), or
+runs SPU alone with another stage list, window or cutoff; the table lists accuracy, per-task accuracy, visual tokens into the LLM, theoretical
 LLM FLOPs ratio and measured prefill speedup. The most accurate variant with a FLOPs ratio >= 2 is the
 `luvc` default (compression/config.py).
 """
@@ -20,7 +20,7 @@ FIRST_STAGES = ((0.25, 0.5), (0.5, 0.25), (0.75, 0.0))
 
 
 def variants() -> dict:
-    oim, spu = OIMConfig(), SPUConfig(stages=FIRST_STAGES)
+    oim, spu = OIMConfig(), SPUConfig(stages=FIRST_STAGES, cutoff=0.25, window="ideal")
     base = CompressionConfig(oim=oim, spu=spu)
     v = {
         "OIM + SPU (0.25:0.5, 0.5:0.25, 0.75:0)": base,
@@ -47,9 +47,16 @@ def variants() -> dict:
     late_h = replace(source, first_axis="h", merge_depths=(1.0,))
     v["oim at depth 1 axis h, llm positions source, spu late (0.67:0)"] = replace(
         base, oim=late_h, spu=replace(spu, stages=((0.67, 0.0),)))
+    gentle = ((0.17, 0.5), (0.4, 0.25), (0.67, 0.0))
+    for window in ("ideal", "gaussian"):
+        for c in (0.1, 0.15, 0.25, 0.35):
+            v[f"SPU only (gentle), {window} window, cutoff {c}"] = replace(
+                base, oim=None, spu=replace(spu, stages=gentle, window=window, cutoff=c))
+    v["SPU only (gentle), resample"] = replace(base, oim=None, spu=replace(spu, stages=gentle, mode="resample"))
     for stages in (FIRST_STAGES, early, ((0.25, 0.25), (0.5, 0.0)), ((0.25, 0.1), (0.75, 0.0)),
-                   SPUConfig().stages, ((0.17, 0.25), (0.67, 0.0)),
-                   ((0.25, 0.5), (0.5, 0.25), (0.67, 0.0)), ((0.34, 0.25), (0.67, 0.0))):
+                   ((0.17, 0.25), (0.67, 0.0)), ((0.25, 0.5), (0.5, 0.25), (0.67, 0.0)), ((0.34, 0.25), (0.67, 0.0)),
+                   ((0.17, 0.5), (0.4, 0.25), (0.84, 0.0)), ((0.17, 0.4), (0.4, 0.2), (0.67, 0.0)),
+                   ((0.17, 0.5), (0.5, 0.2), (0.67, 0.0)), ((0.17, 0.34), (0.5, 0.17), (0.84, 0.0))):
         label = ", ".join(f"{d}:{r}" for d, r in stages)
         v[f"SPU only ({label})"] = replace(base, oim=None, spu=replace(spu, stages=stages))
     return v

@@ -52,12 +52,12 @@ class SPUConfig:
     """(relative LLM depth in (0, 1), keep ratio in [0, 1]) pairs: before the layer at that depth the
     visual tokens of each media item are cut to keep_ratio x their count at the LLM input. Depths
     strictly increase, ratios never increase, and the last ratio is 0 so no visual token reaches the
-    final layer. The default was the most accurate cascade at >= 2x theoretical LLM FLOPs in the
-    validation ablation (tools/sweep_defaults.py, docs/results.md); it resolves to distinct layers
-    on LLMs of 4 or more layers."""
-    cutoff: float = 0.25
+    final layer. The defaults of this class (stages, cutoff, window) were the most accurate setting at
+    >= 2x theoretical LLM FLOPs in the validation ablation (tools/sweep_defaults.py, docs/results.md); the
+    stages resolve to distinct layers on LLMs of 4 or more layers."""
+    cutoff: float = 0.15
     """Low-pass cutoff as a fraction of the spatial frequency band, in (0, 1)."""
-    window: str = "ideal"
+    window: str = "gaussian"
     """Low-pass window: "ideal" (box) or "gaussian" (smooth, sigma = cutoff x half band)."""
     mode: str = "select"
     """"select": keep the tokens with the largest high-frequency residual (the rest are dropped);
