@@ -114,7 +114,6 @@ class LUVC(Method):
                 values[switch] = None
         return values
 
-
     def pruner(self, cfg: CompressionConfig, num_layers: int) -> SPUCascade | None:
         return SPUCascade(cfg.spu, num_layers) if cfg.spu else None
 
