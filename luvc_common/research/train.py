@@ -627,8 +627,8 @@ def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_con
     exported = FAMILY.model_class.from_pretrained(path, torch_dtype=torch.float32)
     for part in parts:
         want, got = (getattr(m.config, part).to_dict() for m in (model, exported))
-        same = lambda k: k == "dtype" or want.get(k) == got.get(k) or _shallower(k, got.get(k), want.get(k))
-        differ = sorted(k for k in want.keys() | got.keys() if not same(k))
+        differ = sorted(k for k in want.keys() | got.keys()
+                        if not (k == "dtype" or want.get(k) == got.get(k) or _shallower(k, got.get(k), want.get(k))))
         if differ:
             raise ConfigError(f"{flag} {path}: its {part} differs from the one these flags build in "
                               + ", ".join(f"{k} ({got.get(k)} there, {want.get(k)} here)" for k in differ))
