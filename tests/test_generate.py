@@ -10,6 +10,7 @@ from PIL import Image
 
 import conftest
 from luvc_common.config import Limits
+from luvc_common.errors import ConfigError
 from luvc_common.compression.methods import method_config
 from luvc_common.engine.media import Media, decode_image
 from luvc_common.config import ModelConfig
@@ -118,3 +119,57 @@ def test_cli_generate_json_contract(tmp_path):
         assert out["model"].endswith("luvc-tiny-qwen2vl") and len(out["visual_tokens"]["llm_per_layer"]) == 4
     assert 2 * runs["luvc:merges=0.5"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
     assert runs["luvc:merges=0.5"]["visual_tokens"]["llm_per_layer"][-1] == 0
+
+
+def _stock_checkpoint(out, family: str, text_layers: int):
+    """A checkpoint written by stock transformers alone, unlike save_random_checkpoint: other widths and rotary
+    split, an untied head in sharded float32 files, and the processor config's older min/max_pixels keys."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
+        Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(conftest.ASSETS.parent / "models" / "luvc-tiny-qwen2vl")
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=text_layers,
+                num_attention_heads=3, num_key_value_heads=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
+    vision = dict(depth=2, num_heads=3, patch_size=14, spatial_merge_size=2)
+    config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if family == "qwen2_5_vl":
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(hidden_size=48, intermediate_size=96, out_hidden_size=96, window_size=56, fullatt_block_indexes=[1])
+    else:
+        vision.update(embed_dim=48, hidden_size=96, mlp_ratio=2)
+    config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                          image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                          vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(3)
+    model_class(config).save_pretrained(out, max_shard_size="300KB")
+    tokenizer.save_pretrained(out)
+    Qwen2VLImageProcessorPil().save_pretrained(out)
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    del processor["size"]
+    processor.update(min_pixels=3136, max_pixels=200704)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    return out
+
+
+@pytest.mark.parametrize("family, text_layers", [("qwen2_vl", 3), ("qwen2_5_vl", 2)])
+def test_a_shallow_checkpoint_saved_by_stock_transformers_runs_every_method(tmp_path, family, text_layers, demo_image):
+    from luvc_common.compression.methods import NAMES
+
+    pipe = Pipeline(ModelConfig(str(_stock_checkpoint(tmp_path, family, text_layers))))
+    assert pipe.generator.engine.num_layers == text_layers
+    none = pipe.generate([demo_image], "What color is the circle?", method_config("none"), 3)
+    assert none.visual_tokens["llm_per_layer"] == [none.visual_tokens["encoder_out"]] * text_layers
+    for name in NAMES:
+        if family == "qwen2_5_vl" and name == "tome":  # merges across windows: refused by design
+            with pytest.raises(ConfigError, match="window attention"):
+                pipe.generate([demo_image], "What color is the circle?", method_config(name), 3)
+            continue
+        result = pipe.generate([demo_image], "What color is the circle?", method_config(name), 3)
+        assert len(result.token_ids) == 3, name
+    for spec in ("luvc", "luvc:merges=0.5"):  # the default stages collide on these depths and collapse
+        per_layer = pipe.generate([demo_image], "What color is the circle?", method_config(spec), 3).visual_tokens["llm_per_layer"]
+        assert per_layer[-1] == 0 and per_layer[0] > 0, (spec, per_layer)

@@ -56,12 +56,16 @@ def test_select_fills_pruned_cells_from_previous_low_pass():
     assert len(kept) == 0
 
 
-def test_stage_layers_resolve_and_reject_collisions():
+def test_stage_layers_resolve_and_merge_collisions_on_shallow_llms():
     assert stage_layers(SPUConfig().stages, 4) == {1: 0.5, 2: 0.25, 3: 0.0}
     assert stage_layers(SPUConfig().stages, 6) == {1: 0.5, 2: 0.25, 4: 0.0}
     assert stage_layers(SPUConfig().stages, 28) == {5: 0.5, 11: 0.25, 19: 0.0}
-    with pytest.raises(ConfigError, match="spu.stages"):
-        stage_layers(((0.1, 0.5), (0.2, 0.0)), 4)  # both round to layer 0/1 on 4 layers
+    # on 3 layers 0.17 and 0.4 both round to layer 1, which keeps the stricter ratio; on 2 every stage is layer 1
+    assert stage_layers(SPUConfig().stages, 3) == {1: 0.25, 2: 0.0}
+    assert stage_layers(SPUConfig().stages, 2) == {1: 0.0}
+    assert stage_layers(((0.1, 0.5), (0.2, 0.0)), 4) == {1: 0.0}  # 0.1 rounds to layer 0, which is never pruned
+    with pytest.raises(ConfigError, match="1-layer LLM"):
+        stage_layers(SPUConfig().stages, 1)
 
 
 @pytest.mark.parametrize(

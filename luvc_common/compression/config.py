@@ -53,8 +53,9 @@ class SPUConfig:
     visual tokens of each media item are cut to keep_ratio x their count at the LLM input. Depths
     strictly increase, ratios never increase, and the last ratio is 0 so no visual token reaches the
     final layer. The defaults of this class (stages, cutoff, window) were the most accurate setting at
-    >= 2x theoretical LLM FLOPs in the validation ablation (tools/sweep_defaults.py, docs/results.md); the
-    stages resolve to distinct layers on LLMs of 4 or more layers."""
+    >= 2x theoretical LLM FLOPs in the validation ablation (tools/sweep_defaults.py, docs/results.md). They
+    resolve to distinct layers on LLMs of 4 or more layers; on shallower ones, stages that round to one layer act
+    as one at the strictest ratio (spu.stage_layers)."""
     cutoff: float = 0.15
     """Low-pass cutoff as a fraction of the spatial frequency band, in (0, 1)."""
     window: str = "gaussian"

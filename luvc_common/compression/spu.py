@@ -92,12 +92,15 @@ def resampled_positions(positions: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def stage_layers(stages: tuple[tuple[float, float], ...], num_layers: int) -> dict[int, float]:
-    """Resolve (relative depth, keep ratio) stages to {decoder layer index: keep ratio}."""
-    layers = {round(d * num_layers): r for d, r in stages}
-    idx = list(layers)
-    if len(idx) != len(stages) or not all(1 <= i <= num_layers - 1 for i in idx):
-        raise ConfigError(
-            f"spu.stages depths {[d for d, _ in stages]} resolve to layers {[round(d * num_layers) for d, _ in stages]}"
-            f" on a {num_layers}-layer LLM: expected distinct layers in [1, {num_layers - 1}]"
-        )
+    """Resolve (relative depth, keep ratio) stages to {decoder layer index: keep ratio}.
+
+    Depths round to layers 1 .. num_layers - 1: layer 0 sees the whole input and the last layer no visual token.
+    On a shallow LLM several stages can land on one layer, which then gets the strictest of their ratios, so a
+    cascade runs on any LLM of two or more layers and still empties the last one."""
+    if num_layers < 2:
+        raise ConfigError(f"spu.stages: a {num_layers}-layer LLM has no layer between its first and its last to prune at")
+    layers: dict[int, float] = {}
+    for depth, ratio in stages:
+        layer = min(max(round(depth * num_layers), 1), num_layers - 1)
+        layers[layer] = min(ratio, layers.get(layer, 1.0))
     return layers
