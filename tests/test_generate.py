@@ -173,3 +173,17 @@ def test_a_shallow_checkpoint_saved_by_stock_transformers_runs_every_method(tmp_
     for spec in ("luvc", "luvc:merges=0.5"):  # the default stages collide on these depths and collapse
         per_layer = pipe.generate([demo_image], "What color is the circle?", method_config(spec), 3).visual_tokens["llm_per_layer"]
         assert per_layer[-1] == 0 and per_layer[0] > 0, (spec, per_layer)
+
+
+def test_transparent_images_are_seen_on_white_as_stock_processors_see_them():
+    """A transparent background stored as black must not reach the model as black (RGB conversion alone does that)."""
+    rgba = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    rgba.paste((200, 20, 20, 255), (10, 10, 30, 30))
+    for img in (rgba, rgba.convert("LA"), rgba.convert("P")):
+        if img.mode == "P":
+            img.info["transparency"] = img.getpixel((0, 0))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        rgb = decode_image(buf.getvalue(), Limits())
+        assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255), img.mode
+        assert rgb.getpixel((20, 20)) == img.convert("RGB").getpixel((20, 20)), img.mode

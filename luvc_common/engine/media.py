@@ -87,8 +87,10 @@ def decode_image(image: ImageFile | bytes, limits: Limits, name: str = "image", 
     """The RGB image, resized to `size` (width, height) right after decoding when given."""
     if not isinstance(image, ImageFile):
         image = probe_image(image, limits, name)
+    from transformers.image_transforms import convert_to_rgb  # here: the light paths (client, CLI parser) never decode
+
     try:
-        img = _open(image.data, image.name).convert("RGB")
+        img = Image.fromarray(convert_to_rgb(_open(image.data, image.name), return_numpy=True))  # transparency on white
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
         raise MediaError(f"{image.name}: unreadable image ({str(e)[:200]})") from None
     return img if size is None or img.size == size else img.resize(size, Image.Resampling.BICUBIC)
