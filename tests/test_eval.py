@@ -36,7 +36,8 @@ def test_flops_ratio_orders_methods():
 
 def test_score_normalises_and_splits_by_task():
     result = score(["color", "color", "read", "chart"], ["Blue.", "red", " 417 ", "b"], ["blue", "green", "417", "B"])
-    assert result == {"accuracy": 0.75, "per_task": {"color": 0.5, "read": 1.0, "chart": 1.0}, "n": 4}
+    assert result == {"accuracy": 0.75, "per_task": {"color": 0.5, "read": 1.0, "chart": 1.0},
+                      "per_task_n": {"color": 2, "read": 1, "chart": 1}, "n": 4}
     with pytest.raises(ValueError):
         score(["color"], ["a", "b"], ["a"])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from luvc_common.research.synthvqa import (ANSWERS, COLORS, TASKS, QuestionSpec, Scene, Shape, answer_for, load_jsonl,
+from luvc_common.research.synthvqa import (ANSWERS, COLORS, TASKS, chance, lower_bound, QuestionSpec, Scene, Shape, answer_for, load_jsonl,
                                   make_example, normalize_answer, render, scene_questions, write_dataset)
 
 N = 60  # ten examples of each task
@@ -164,3 +164,15 @@ def test_the_second_renderer_draws_the_same_split_differently(tmp_path):
         assert theirs.shape == ours.shape and (theirs != ours).any(-1).mean() > 0.5  # another background, palette, font
         if ex.task == "color":  # the answer's hue is drawn: some pixel is far from the light background
             assert (theirs.min(-1) < 150).any()
+
+
+def test_chance_and_the_clopper_pearson_lower_bound():
+    assert chance("color") == 1 / 6 and chance("count") == 1 / 10 and chance("chart") == 1 / 6
+    assert chance("read") == pytest.approx((1 / 900 + 1 / 9000 + 1 / 90000) / 3)
+    # published exact intervals: 1/100 -> [0.00025, 0.0545], 2/100 -> [0.0024, 0.0704], 100/100 -> [0.9638, 1]
+    assert lower_bound(0, 100) == 0.0
+    assert lower_bound(1, 100) == pytest.approx(0.000253, abs=1e-6)
+    assert lower_bound(2, 100) == pytest.approx(0.00243, abs=1e-5)
+    assert lower_bound(100, 100) == pytest.approx(0.9638, abs=1e-4)
+    # the shipping bar on 100 read questions: one right answer is not clearly above a blind guess, two are
+    assert lower_bound(1, 100) < chance("read") < lower_bound(2, 100)

@@ -13,8 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-TASKS = ("color", "shape", "count", "position", "read", "chart")
-CHANCE = {"color": 1 / 6, "shape": 1 / 3, "count": 1 / 10, "position": 1 / 9, "read": 0.0, "chart": 1 / 6}
+from luvc_common.research.synthvqa import TASKS, chance
 
 
 def validation_records(run_dirs: list[str]) -> list[dict]:
@@ -33,7 +32,7 @@ def main(out: str, run_dirs: list[str]) -> None:
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for task in TASKS:
         line, = acc.plot(steps, [100 * r["val"].get(task, float("nan")) for r in records], marker="o", label=task)
-        acc.axhline(100 * CHANCE[task], color=line.get_color(), linestyle=":", linewidth=0.8)
+        acc.axhline(100 * chance(task), color=line.get_color(), linestyle=":", linewidth=0.8)
         loss.plot(steps, [r["val_loss"].get(task, float("nan")) for r in records], marker="o", label=task)
     acc.plot(steps, [100 * r["val"]["all"] for r in records], color="black", linewidth=2, label="all")
     acc.set(xlabel="training step", ylabel="validation exact match (%)", ylim=(0, 100), title="accuracy (dotted: chance)")

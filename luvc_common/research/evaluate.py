@@ -51,14 +51,15 @@ def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
 
 
 def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
-    """Exact match after normalize_answer: {"accuracy", "per_task": {task: accuracy}, "n"}."""
+    """Exact match after normalize_answer: {"accuracy", "per_task": {task: accuracy}, "per_task_n": {task: examples}, "n"}."""
     from luvc_common.research.synthvqa import normalize_answer
 
     hits: dict[str, list[bool]] = defaultdict(list)
     for task, pred, answer in zip(tasks, predictions, answers, strict=True):
         hits[task].append(normalize_answer(pred) == normalize_answer(answer))
     n = len(tasks)
-    return {"accuracy": sum(map(sum, hits.values())) / max(n, 1), "per_task": {t: sum(h) / len(h) for t, h in hits.items()}, "n": n}
+    return {"accuracy": sum(map(sum, hits.values())) / max(n, 1), "per_task": {t: sum(h) / len(h) for t, h in hits.items()},
+            "per_task_n": {t: len(h) for t, h in hits.items()}, "n": n}
 
 
 def config_label(cfg: CompressionConfig) -> str:
