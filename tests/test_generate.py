@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import conftest
-from luvc_common.config import Limits
+from luvc_common.config import DEFAULT_MODEL, Limits
 from luvc_common.errors import ConfigError
 from luvc_common.compression.methods import method_config
 from luvc_common.engine.media import Media, decode_image
@@ -110,13 +110,14 @@ def test_whole_path_runs_without_attention_weights(tiny_model, demo_image, demo_
 
 
 def test_cli_generate_json_contract(tmp_path):
+    layers = json.loads((DEFAULT_MODEL / "config.json").read_text())["text_config"]["num_hidden_layers"]
     cmd = [sys.executable, "-m", "luvc_common.cli", "generate", "--image", str(conftest.ASSETS / "demo.png"),
            "--prompt", "What color is the circle?", "--max-new-tokens", "4", "--json"]
     runs = {m: json.loads(subprocess.run(cmd + ["--method", m], capture_output=True, text=True, check=True).stdout)
             for m in ("none", "luvc:merges=0.5")}
     for out in runs.values():
         assert set(out) >= {"model", "prompt_ids", "token_ids", "text", "visual_tokens", "timings_ms"}
-        assert out["model"].endswith("luvc-tiny-qwen2vl") and len(out["visual_tokens"]["llm_per_layer"]) == 4
+        assert out["model"] == str(DEFAULT_MODEL) and len(out["visual_tokens"]["llm_per_layer"]) == layers
     assert 2 * runs["luvc:merges=0.5"]["visual_tokens"]["encoder_out"] <= runs["none"]["visual_tokens"]["encoder_out"]
     assert runs["luvc:merges=0.5"]["visual_tokens"]["llm_per_layer"][-1] == 0
 
