@@ -37,7 +37,7 @@ SWEEP_KEEP = (0.5, 0.25, 0.125, 0.0625)
 """Keep ratios of each baseline under --sweep."""
 SWEEP_SPU = (((0.25, 0.5), (0.5, 0.25), (0.75, 0.0)), SPUConfig().stages, ((0.17, 0.25), (0.4, 0.1), (0.67, 0.0)),
              ((0.17, 0.25), (0.4, 0.0)))
-"""luvc's --sweep points without OIM: SPU cascades from gentle to steep (each resolves to distinct layers on LLMs of 4 or more layers)."""
+"""luvc's --sweep points without OIM: SPU cascades from gentle to steep (distinct layers on LLMs of 4 or more layers)."""
 SWEEP_MERGES = ((0.5,), (0.25, 0.75))
 """luvc's --sweep points with OIM: 1 and 2 merge steps, each with the spec's SPU cascade."""
 

@@ -36,28 +36,6 @@ MAX_READ_DIGITS = 18
 """The longest number a training curriculum may ask for (an int64 draw)."""
 STRIP_HEIGHTS = tuple(range(56, 225, 28))
 """Heights a training "read" scene may be cut to (a strip of text: the same digits for a fraction of the pixels)."""
-
-
-def chance(task: str) -> float:
-    """Exact-match accuracy of the best blind guess: uniform over the task's answers; for "read", a guess that
-    knows how many digits the number has (evenly 3, 4 or 5) and that it has no leading zero."""
-    if task == "read":
-        lengths = range(READ_DIGITS[0], READ_DIGITS[1] + 1)
-        return sum(1 / (9 * 10 ** (n - 1)) for n in lengths) / len(lengths)
-    return 1 / len(ANSWERS[task])
-
-
-def lower_bound(correct: int, n: int, confidence: float = 0.95) -> float:
-    """Clopper-Pearson lower end of the two-sided `confidence` interval of a binomial rate seen as correct / n."""
-    if correct == 0:
-        return 0.0
-    tail = (1 - confidence) / 2
-    at_least = lambda p: 1 - sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(correct))  # noqa: E731
-    low, high = 0.0, correct / n
-    for _ in range(60):  # P(X >= correct) rises with p: bisect for the p where it equals the tail
-        mid = (low + high) / 2
-        low, high = (mid, high) if at_least(mid) < tail else (low, mid)
-    return low
 _SIDE_W = np.array([3.0 if s <= 448 else 1.0 for s in SIDES])  # mostly modest sizes: a tiny model trains on CPU
 _SIDE_P = _SIDE_W / _SIDE_W.sum()
 GAP = 4  # minimum free pixels between objects and to the image border
@@ -434,6 +412,30 @@ def normalize_answer(s: str) -> str:
     """Lowercase, trim spaces and drop one final period, for exact-match scoring."""
     s = s.strip().lower()
     return s[:-1].strip() if s.endswith(".") else s
+
+
+def chance(task: str) -> float:
+    """Exact-match accuracy of the best blind guess: uniform over the task's answers; for "read", a guess that
+    knows how many digits the number has (evenly 3, 4 or 5) and that it has no leading zero."""
+    if task == "read":
+        lengths = range(READ_DIGITS[0], READ_DIGITS[1] + 1)
+        return sum(1 / (9 * 10 ** (n - 1)) for n in lengths) / len(lengths)
+    return 1 / len(ANSWERS[task])
+
+
+def lower_bound(correct: int, n: int, confidence: float = 0.95) -> float:
+    """Clopper-Pearson lower end of the two-sided `confidence` interval of a binomial rate seen as correct / n."""
+    if correct == 0:
+        return 0.0
+
+    def at_least(p: float) -> float:  # P(X >= correct), rising with p
+        return 1 - sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(correct))
+
+    tail, low, high = (1 - confidence) / 2, 0.0, correct / n
+    for _ in range(60):  # bisect for the p where it equals the tail
+        mid = (low + high) / 2
+        low, high = (mid, high) if at_least(mid) < tail else (low, mid)
+    return low
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
