@@ -140,7 +140,7 @@ KEPT_WEIGHTS = DEFAULT_MODEL.parent / "luvc-tiny-qwen2vl-wip"
 
 
 def test_the_kept_weights_load_in_stock_transformers_and_answer_with_and_without_luvc():
-    """The committed trained weights (not yet the default model: read is still 0) are a stock checkpoint that sees:
+    """The committed trained weights (not yet the default model: read is not yet above chance) are a stock checkpoint that sees:
     on 20 fixed test-split questions of the five tasks it can answer, it gets at least 15 right, with the default
     luvc too. A behaviour check of the files in models/, not a benchmark."""
     from transformers import Qwen2VLForConditionalGeneration

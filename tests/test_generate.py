@@ -171,9 +171,10 @@ def test_a_shallow_checkpoint_saved_by_stock_transformers_runs_every_method(tmp_
             continue
         result = pipe.generate([demo_image], "What color is the circle?", method_config(name), 3)
         assert len(result.token_ids) == 3, name
-    for spec in ("luvc", "luvc:merges=0.5"):  # the default stages collide on these depths and collapse
-        per_layer = pipe.generate([demo_image], "What color is the circle?", method_config(spec), 3).visual_tokens["llm_per_layer"]
-        assert per_layer[-1] == 0 and per_layer[0] > 0, (spec, per_layer)
+        if name == "luvc":  # the default stages collide on these depths and collapse; the last layer is still empty
+            assert result.visual_tokens["llm_per_layer"][-1] == 0 < result.visual_tokens["llm_per_layer"][0]
+    merged = pipe.generate([demo_image], "What color is the circle?", method_config("luvc:merges=0.5"), 3)
+    assert merged.visual_tokens["llm_per_layer"][-1] == 0 < merged.visual_tokens["llm_per_layer"][0]
 
 
 def test_transparent_images_are_seen_on_white_as_stock_processors_see_them():
