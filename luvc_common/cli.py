@@ -167,7 +167,7 @@ def cmd_train(argv: list[str]) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from luvc_common.research.synthvqa import write_dataset
 
-    print(write_dataset(args.out, args.n, args.seed, progress=True))
+    print(write_dataset(args.out, args.n, args.seed, progress=True, task=args.task, side=args.side, read_digits=args.read_digits))
     return 0
 
 
@@ -233,6 +233,7 @@ def _add_research(sub) -> None:
     from luvc_common.research.bench import add_bench_parser
     from luvc_common.research.evaluate import add_eval_parser
     from luvc_common.research.load import add_load_parser
+    from luvc_common.research.synthvqa import READ_DIGITS, SIDES, TASKS, digit_range
 
     add_eval_parser(sub)
     add_bench_parser(sub)
@@ -243,6 +244,10 @@ def _add_research(sub) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--task", choices=TASKS, default=None, help="only this task (default: the six in turn)")
+    s.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S", help="every image S x S (a multiple of 28, 224-672)")
+    s.add_argument("--read-digits", type=digit_range, default=READ_DIGITS, metavar="LOW,HIGH",
+                   help=f"digits of each \"read\" number (default: SynthVQA's {READ_DIGITS[0]},{READ_DIGITS[1]})")
     s.set_defaults(func=cmd_data_synth)
 
 

@@ -7,6 +7,7 @@ color, shape, count, position, read (a 3-5 digit number) and chart (tallest of 3
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -264,6 +265,16 @@ def check_read_digits(read_digits: tuple[int, int]) -> None:
         raise ValueError(f"read_digits={read_digits}: expected 1 <= low <= high <= {MAX_READ_DIGITS}")
 
 
+def digit_range(value: str) -> tuple[int, int]:
+    """An argparse type for `read_digits`: "LOW,HIGH"."""
+    try:
+        low, high = (int(v) for v in value.split(","))
+        check_read_digits((low, high))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 1 <= LOW <= HIGH <= {MAX_READ_DIGITS}, got {value!r}") from None
+    return low, high
+
+
 def make_example(seed: int, index: int, task: str | None = None, max_distractors: int = 3, side: int | None = None,
                  read_digits: tuple[int, int] = READ_DIGITS, read_height: int | None = None) -> Example:
     """Example `index` of the dataset `seed` (task defaults to TASKS[index % 6]); no files written.
@@ -388,9 +399,11 @@ def evidence(scene: Scene, spec: QuestionSpec, look: Look = Look()) -> list[np.n
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False,
-                  draw: Callable[[Scene], Image.Image] = render) -> Path:
+                  draw: Callable[[Scene], Image.Image] = render, task: str | None = None, side: int | None = None,
+                  read_digits: tuple[int, int] = READ_DIGITS) -> Path:
     """Writes out_dir/data.jsonl and out_dir/images/NNNNNN.png for n examples, each scene drawn by `draw` (another
-    renderer can draw the same split); returns the jsonl path."""
+    renderer can draw the same split); returns the jsonl path. `task`, `side` and `read_digits` narrow the set as in
+    make_example, e.g. to measure reading by number length and image size."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     indices = range(n)
@@ -400,7 +413,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, progress: bool = False
     path = out_dir / "data.jsonl"
     with open(path, "w") as f:
         for i in indices:
-            ex = make_example(seed, i)
+            ex = make_example(seed, i, task, side=side, read_digits=read_digits)
             image = f"images/{i:06d}.png"
             draw(ex.scene).save(out_dir / image)
             record = {"image": image, "question": ex.question, "answer": ex.answer, "task": ex.task}

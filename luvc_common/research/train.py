@@ -39,8 +39,8 @@ from luvc_common.models.family import get_family
 from luvc_common.models.loading import resolve_device
 from luvc_common.models.prompt import build_prompt_ids, chat_turn
 from luvc_common.models.tiny import save_model
-from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, MAX_READ_DIGITS, READ_DIGITS, SHAPES, SIDES, STRIP_HEIGHTS,
-                                           TASKS, Example, Look, QuestionSpec, Scene, answer_for, check_read_digits, evidence, jitter_scene,
+from luvc_common.research.synthvqa import (CHARS, COLORS, LABEL_MAPS, READ_DIGITS, SHAPES, SIDES, STRIP_HEIGHTS,
+                                           TASKS, Example, Look, QuestionSpec, Scene, answer_for, digit_range, evidence, jitter_scene,
                                            label_maps, make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
 
@@ -79,15 +79,6 @@ def _share(value: str) -> float:
     return v
 
 
-def _digit_range(value: str) -> tuple[int, int]:
-    try:
-        low, high = (int(v) for v in value.split(","))
-        check_read_digits((low, high))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with 1 <= LOW <= HIGH <= {MAX_READ_DIGITS}, got {value!r}") from None
-    return low, high
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint and loss log")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (the LR schedule spans them)")
@@ -103,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma-separated task families to train on")
     p.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S",
                    help="every training image S x S (a multiple of 28, 224-672); default: SynthVQA's varied sizes")
-    p.add_argument("--read-digits", type=_digit_range, default=READ_DIGITS, metavar="LOW,HIGH",
+    p.add_argument("--read-digits", type=digit_range, default=READ_DIGITS, metavar="LOW,HIGH",
                    help="digits of a training \"read\" scene's number (cut to the image width); a long line gives the tower "
                         "many digits per image to learn from; validation keeps SynthVQA's 3,5")
     p.add_argument("--read-height", type=int, choices=STRIP_HEIGHTS, default=None, metavar="H",
