@@ -231,7 +231,7 @@ def _add_ops(sub) -> None:
 
 def _add_research(sub) -> None:
     from luvc_common.research.bench import add_bench_parser
-    from luvc_common.research.evaluate import add_eval_parser
+    from luvc_common.research.evaluate import add_eval_parser, positive_int
     from luvc_common.research.load import add_load_parser
     from luvc_common.research.synthvqa import READ_DIGITS, SIDES, TASKS, digit_range
 
@@ -242,7 +242,7 @@ def _add_research(sub) -> None:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a SynthVQA JSONL set")
     s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--n", type=positive_int, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--task", choices=TASKS, default=None, help="only this task (default: the six in turn)")
     s.add_argument("--side", type=int, choices=SIDES, default=None, metavar="S", help="every image S x S (a multiple of 28, 224-672)")

@@ -65,15 +65,16 @@ def test_example_does_not_depend_on_dataset_size(tmp_path):
 
 def test_data_synth_narrows_a_set_to_one_task_size_and_number_length(tmp_path):
     """`luvc data synth --task read --side S --read-digits L,H` writes the fresh scenes that measure reading by number
-    length and image size (then `luvc eval --data`); a bad range is a usage error, not a traceback."""
+    length and image size (then `luvc eval --data`); a bad value is a usage error naming its flag, not a traceback."""
     cmd = [sys.executable, "-m", "luvc_common.cli", "data", "synth", "--out", str(tmp_path), "--n", "6", "--seed", "9"]
     subprocess.run(cmd + ["--task", "read", "--side", "252", "--read-digits", "2,2"], check=True, capture_output=True)
     records = load_jsonl(tmp_path / "data.jsonl")
     assert [r["task"] for r in records] == ["read"] * 6
     assert all(len(r["answer"]) == 2 and r["answer"].isdigit() for r in records)
     assert all(Image.open(r["image"]).size == (252, 252) for r in records)
-    bad = subprocess.run(cmd + ["--read-digits", "0,3"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--read-digits" in bad.stderr and "Traceback" not in bad.stderr
+    for flag, value in (("--read-digits", "0,3"), ("--side", "250"), ("--task", "spell"), ("--n", "0")):
+        bad = subprocess.run(cmd + [flag, value], capture_output=True, text=True)  # the last --n wins
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, (flag, bad.stderr)
 
 
 @pytest.mark.parametrize("seed, n, digest", [(2000, 300, "6d8e8d16724e041d"), (3000, 600, "c3229dc59f4b2e58")])
