@@ -34,16 +34,19 @@
 #            at the generator's own size), batch 32, lr 5e-4, 100 min; a read scene asks one question where the others
 #            ask up to 8, so at 2 in 8 read got a tenth of the answer loss and never moved. Read-only stages lose the
 #            other tasks within 100 steps; this mixture keeps them.
-#   read2    the kept weights' last stage since the twenty-sixth session ("Twenty-sixth session"): the same mixture
+#   read2    the twenty-sixth session's stage ("Twenty-sixth session"; the wip weights' last): the same mixture
 #            with numbers of 2-5 digits (one digit was learnt), half of the read scenes cut to strips, count drawn 3
 #            times in 15, lr 3e-4, 115 min (kept weights 74.5% -> 77.5%; the session's `read` stage ran 602 more steps
 #            before it, not repeated here).
+#   hires    the shipped default model's last stage ("Twenty-seventh session"): read-heavy at up to 200,704 pixels
+#            (each step's budget drawn from 50,176 to 200,704), numbers of 3-5 digits, count drawn 4 times in 15; the
+#            shipped weights are its checkpoint at 111 of its 150 minutes (step 1,677; read 1 -> 3 on the test split).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
-#   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `read2` stage)
+#   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `hires` stage)
 # Extra flags go to every stage, e.g. on a GPU box:  tools/train_default_model.sh --device cuda --workers 8
 # Export a checkpoint at any time:
-#   .venv/bin/python tools/export_checkpoint.py runs/default/read2/ckpt.pt runs/default/export --max-pixels 50176 --rope-theta 100 --text-layers 6
+#   .venv/bin/python tools/export_checkpoint.py runs/default/hires/ckpt.pt runs/default/export --max-pixels 200704 --rope-theta 100 --text-layers 6
 # Evaluate with:  .venv/bin/luvc eval --model runs/default/export --methods none,luvc
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +58,7 @@ stage() {  # stage NAME FLAGS...: one `luvc train` run in $run/NAME
     --questions 8 --aux-weight 2 --aux-balanced --cell-layer 0 --pointer-weight 1 --pointer-layers 1,2 --question-weight 1 --augment \
     --max-pixels 50176 --max-distractors 3 --eval-n 240 --eval-every 250 --steps 20000 --warmup 50 "${@:2}"
 }
-if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --init replaces all but the `read2` stage
+if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --init replaces all but the `hires` stage
   stage objects --seed 1000 --tasks color,shape,position,count --curriculum 1000 --minutes 95 "$@"
   stage lone --seed 1303 --tasks color,shape --max-distractors 0 --minutes 12 "$@" --init "$run/objects/ckpt.pt"
   stage shape --seed 1304 --tasks shape --max-distractors 0 --minutes 10 "$@" --init "$run/lone/ckpt.pt"
@@ -63,7 +66,10 @@ if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --ini
     --char-slots 4 "$@" --init "$run/shape/ckpt.pt"
   stage read --seed 2602 --lr 5e-4 --batch-size 32 --minutes 100 --text-layers 6 --char-slots 4 --read-digits 1,5 --read-height 56 \
     --strip-share 0.7 --tasks read,read,read,read,read,read,read,read,color,shape,count,position,chart "$@" --init "$run/mix/ckpt.pt"
-  set -- "$@" --init "$run/read/ckpt.pt"
+  stage read2 --seed 2701 --lr 3e-4 --batch-size 32 --minutes 115 --text-layers 6 --char-slots 4 --read-digits 2,5 --read-height 56 \
+    --strip-share 0.5 --tasks read,read,read,read,read,read,read,read,color,shape,count,count,count,position,chart "$@" --init "$run/read/ckpt.pt"
+  set -- "$@" --init "$run/read2/ckpt.pt"
 fi
-stage read2 --seed 2701 --lr 3e-4 --batch-size 32 --minutes 115 --text-layers 6 --char-slots 4 --read-digits 2,5 --read-height 56 \
-  --strip-share 0.5 --tasks read,read,read,read,read,read,read,read,color,shape,count,count,count,position,chart --export "$run/export" "$@"
+stage hires --seed 2801 --lr 3e-4 --batch-size 32 --minutes 150 --text-layers 6 --char-slots 4 --read-digits 3,5 --read-height 56 \
+  --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" \
+  --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
