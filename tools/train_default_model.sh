@@ -40,7 +40,7 @@
 #            before it, not repeated here).
 #   hires    the shipped default model's last stage ("Twenty-seventh session"): read-heavy at up to 200,704 pixels
 #            (each step's budget drawn from 50,176 to 200,704), numbers of 3-5 digits, count drawn 4 times in 15; the
-#            shipped weights are its checkpoint at 111 of its 150 minutes (step 1,677; read 1 -> 3 on the test split).
+#            shipped weights are its end (step 2,303 at 150 minutes; read 1 -> 5 on the test split).
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `hires` stage)
