@@ -48,7 +48,7 @@ class OIMConfig:
 class SPUConfig:
     """Spectrum Pruning Unit cascade inside the LLM decoder (DESIGN 2.2)."""
 
-    stages: tuple[tuple[float, float], ...] = ((0.17, 0.5), (0.4, 0.25), (0.67, 0.0))
+    stages: tuple[tuple[float, float], ...] = ((0.34, 0.34), (0.67, 0.0))
     """(relative LLM depth in (0, 1), keep ratio in [0, 1]) pairs: before the layer at that depth the
     visual tokens of each media item are cut to keep_ratio x their count at the LLM input. Depths
     strictly increase, ratios never increase, and the last ratio is 0 so no visual token reaches the
@@ -56,7 +56,7 @@ class SPUConfig:
     >= 2x theoretical LLM FLOPs in the validation ablation (tools/sweep_defaults.py, docs/results.md). They
     resolve to distinct layers on LLMs of 4 or more layers; on shallower ones, stages that round to one layer act
     as one at the strictest ratio (spu.stage_layers)."""
-    cutoff: float = 0.15
+    cutoff: float = 0.35
     """Low-pass cutoff as a fraction of the spatial frequency band, in (0, 1)."""
     window: str = "gaussian"
     """Low-pass window: "ideal" (box) or "gaussian" (smooth, sigma = cutoff x half band)."""
