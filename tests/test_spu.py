@@ -57,12 +57,13 @@ def test_select_fills_pruned_cells_from_previous_low_pass():
 
 
 def test_stage_layers_resolve_and_merge_collisions_on_shallow_llms():
-    assert stage_layers(SPUConfig().stages, 4) == {1: 0.5, 2: 0.25, 3: 0.0}
-    assert stage_layers(SPUConfig().stages, 6) == {1: 0.5, 2: 0.25, 4: 0.0}
-    assert stage_layers(SPUConfig().stages, 28) == {5: 0.5, 11: 0.25, 19: 0.0}
+    stages = ((0.17, 0.5), (0.4, 0.25), (0.67, 0.0))
+    assert stage_layers(stages, 4) == {1: 0.5, 2: 0.25, 3: 0.0}
+    assert stage_layers(stages, 6) == {1: 0.5, 2: 0.25, 4: 0.0}
+    assert stage_layers(stages, 28) == {5: 0.5, 11: 0.25, 19: 0.0}
     # on 3 layers 0.17 and 0.4 both round to layer 1, which keeps the stricter ratio; on 2 every stage is layer 1
-    assert stage_layers(SPUConfig().stages, 3) == {1: 0.25, 2: 0.0}
-    assert stage_layers(SPUConfig().stages, 2) == {1: 0.0}
+    assert stage_layers(stages, 3) == {1: 0.25, 2: 0.0}
+    assert stage_layers(stages, 2) == {1: 0.0}
     assert stage_layers(((0.1, 0.5), (0.2, 0.0)), 4) == {1: 0.0}  # 0.1 rounds to layer 0, which is never pruned
     with pytest.raises(ConfigError, match="1-layer LLM"):
         stage_layers(SPUConfig().stages, 1)
@@ -183,7 +184,7 @@ def test_spectral_resample_keeps_low_frequencies_on_a_smaller_grid():
 
 def test_resample_mode_fuses_tokens_and_empties_the_last_layer(pipeline, demo_image, demo_video):
     gen = pipeline.generator
-    cfg = method_config("luvc", spu=SPUConfig(mode="resample"))
+    cfg = method_config("luvc", spu=SPUConfig(stages=((0.17, 0.5), (0.4, 0.25), (0.67, 0.0)), mode="resample"))
     encoded = pipeline.encoder.encode([demo_image, demo_video], cfg)
     ids = gen.prompt_ids("What color is the circle?", encoded)
     out, logits = conftest.generate_with_logits(gen.engine, [_request(ids, encoded)], cfg, 4)
