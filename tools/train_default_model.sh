@@ -38,7 +38,7 @@
 #            with numbers of 2-5 digits (one digit was learnt), half of the read scenes cut to strips, count drawn 3
 #            times in 15, lr 3e-4, 115 min (kept weights 74.5% -> 77.5%; the session's `read` stage ran 602 more steps
 #            before it, not repeated here).
-#   hires    the shipped default model's last stage ("Twenty-seventh session"): read-heavy at up to 200,704 pixels
+#   hires    the twenty-seventh session's stage ("Twenty-seventh session"): read-heavy at up to 200,704 pixels
 #            (each step's budget drawn from 50,176 to 200,704), numbers of 3-5 digits, count drawn 4 times in 15; the
 #            weights shipped in the twenty-seventh session were its end (step 2,303 at 150 minutes; read 1 -> 5 on
 #            the test split).
