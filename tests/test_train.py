@@ -209,6 +209,17 @@ def test_resume_continues_exactly(tmp_path, aux):
     assert steps == [1, 2, 3, 4]
 
 
+def test_cpu_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
+    """--cpu-bf16 changes the forward pass's arithmetic (the first loss moves a little), not what is stored."""
+    flags = ("--steps", "2", "--aux-weight", "1", "--char-slots", "2", "--eval-every", "2", "--eval-n", "6")
+    fp32, bf16 = (train(args_for("--out", str(tmp_path / name), *flags, *extra)) for name, extra in (("a", ()), ("b", ("--cpu-bf16",))))
+    first = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[0])["loss"] for d in "ab"]
+    assert first[0] != first[1] and abs(first[0] - first[1]) < 0.02 * first[0], first
+    assert set(bf16["val"]) == set(fp32["val"]) and np.isfinite(bf16["aux_loss"])
+    weights = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
 @pytest.mark.parametrize("first, then", [((), ("--question-weight", "1")), (("--question-weight", "1"), ()),
                                          (("--aux-weight", "1"), ("--question-weight", "1"))])
 def test_resuming_with_other_training_heads_is_a_user_error(tmp_path, capsys, first, then):
