@@ -2,7 +2,8 @@
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -136,6 +137,19 @@ def test_sweep_runs_every_budget_and_plots_one_curve_per_method(tiny_qwen2vl, da
     tokens = [r["visual_tokens_llm_in"] for r in pools]
     assert tokens == sorted(tokens, reverse=True) and len(set(tokens)) == 4  # each halving pools further
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_ablation_tool_holds_the_default_luvc_and_runs_a_chosen_subset(tiny_qwen2vl, tmp_path):
+    """tools/sweep_defaults.py, which chooses `luvc`'s defaults, with --only: the uncompressed run, then just the
+    variants named, one of which is the default itself."""
+    tool, out = Path(__file__).resolve().parents[1] / "tools" / "sweep_defaults.py", tmp_path / "ablation.json"
+    subprocess.run([sys.executable, str(tool), "--model", tiny_qwen2vl, "--n", "6", "--json", str(out),
+                    "--only", "SPU only (0.34:0.34, 0.67:0), gaussian"], check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in results] == ["none", *(f"SPU only (0.34:0.34, 0.67:0), gaussian window, cutoff {c}" for c in (0.25, 0.35, 0.5))]
+    default = json.loads(json.dumps(asdict(method_config("luvc"))))
+    assert [r["config"] == default for r in results] == [False, False, True, False]
+    assert all(r["n"] == 6 and r["llm_flops_ratio"] > 2 for r in results[1:])
 
 
 WIP_WEIGHTS = DEFAULT_MODEL.parent / "luvc-tiny-qwen2vl-wip"

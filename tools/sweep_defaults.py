@@ -1,6 +1,6 @@
 """Ablation of the OIM and SPU knobs on the SynthVQA validation split (seed 2000, never trained on).
 
-Usage: python tools/sweep_defaults.py [--model DIR] [--n 900] [--json OUT] [--markdown OUT]
+Usage: python tools/sweep_defaults.py [--model DIR] [--n 900] [--json OUT] [--markdown OUT] [--only TEXT ...]
 Every variant changes one or two knobs of full LUVC (OIM + the first SPU cascade, ideal window, cutoff 0.25), or
 runs SPU alone with another stage list, window or cutoff; the table lists accuracy, per-task accuracy, visual tokens into the LLM, theoretical
 LLM FLOPs ratio and measured prefill speedup. The most accurate variant with a FLOPs ratio >= 2 is the
@@ -49,33 +49,30 @@ def variants() -> dict:
     v["oim at depth 1 axis h, llm positions source, spu late (0.67:0)"] = replace(
         base, oim=late_h, spu=replace(spu, stages=((0.67, 0.0),)))
     gentle = ((0.17, 0.5), (0.4, 0.25), (0.67, 0.0))
+    late = ((0.34, 0.34), (0.67, 0.0))
+
+    def spu_only(stages, name: str | None = None, suffix: str = "", **knobs) -> None:
+        name = name or ", ".join(f"{d}:{r}" for d, r in stages)
+        v[f"SPU only ({name}){suffix}"] = replace(base, oim=None, spu=replace(spu, stages=stages, **knobs))
+
     for window in ("ideal", "gaussian"):
         for c in (0.1, 0.15, 0.25, 0.35):
-            v[f"SPU only (gentle), {window} window, cutoff {c}"] = replace(
-                base, oim=None, spu=replace(spu, stages=gentle, window=window, cutoff=c))
-    v["SPU only (gentle), resample"] = replace(base, oim=None, spu=replace(spu, stages=gentle, mode="resample"))
+            spu_only(gentle, "gentle", f", {window} window, cutoff {c}", window=window, cutoff=c)
+    spu_only(gentle, "gentle", ", resample", mode="resample")
     for stages in (FIRST_STAGES, early, ((0.25, 0.25), (0.5, 0.0)), ((0.25, 0.1), (0.75, 0.0)),
                    ((0.17, 0.25), (0.67, 0.0)), ((0.25, 0.5), (0.5, 0.25), (0.67, 0.0)), ((0.34, 0.25), (0.67, 0.0)),
                    ((0.17, 0.5), (0.4, 0.25), (0.84, 0.0)), ((0.17, 0.4), (0.4, 0.2), (0.67, 0.0)),
                    ((0.17, 0.5), (0.5, 0.2), (0.67, 0.0)), ((0.17, 0.34), (0.5, 0.17), (0.84, 0.0))):
-        label = ", ".join(f"{d}:{r}" for d, r in stages)
-        v[f"SPU only ({label})"] = replace(base, oim=None, spu=replace(spu, stages=stages))
-    v["SPU only (gentle), gaussian window, cutoff 0.5"] = replace(
-        base, oim=None, spu=replace(spu, stages=gentle, window="gaussian", cutoff=0.5))
-    late = ((0.34, 0.34), (0.67, 0.0))
+        spu_only(stages)
+    spu_only(gentle, "gentle", ", gaussian window, cutoff 0.5", window="gaussian", cutoff=0.5)
     for c in (0.25, 0.35, 0.5):
-        v[f"SPU only (0.34:0.34, 0.67:0), gaussian window, cutoff {c}"] = replace(
-            base, oim=None, spu=replace(spu, stages=late, window="gaussian", cutoff=c))
-    v["SPU only (0.34:0.34, 0.67:0), ideal window, cutoff 0.35"] = replace(
-        base, oim=None, spu=replace(spu, stages=late, cutoff=0.35))
-    v["SPU only (0.34:0.34, 0.67:0), resample"] = replace(
-        base, oim=None, spu=replace(spu, stages=late, window="gaussian", cutoff=0.35, mode="resample"))
+        spu_only(late, "0.34:0.34, 0.67:0", f", gaussian window, cutoff {c}", window="gaussian", cutoff=c)
+    spu_only(late, "0.34:0.34, 0.67:0", ", ideal window, cutoff 0.35", cutoff=0.35)
+    spu_only(late, "0.34:0.34, 0.67:0", ", resample", window="gaussian", cutoff=0.35, mode="resample")
     for stages in (((0.34, 0.25), (0.67, 0.0)), ((0.34, 0.5), (0.67, 0.0)), ((0.34, 0.25), (0.84, 0.0)),
                    ((0.17, 0.5), (0.5, 0.25), (0.84, 0.0)), ((0.34, 0.25), (0.5, 0.1), (0.84, 0.0)),
                    ((0.34, 0.3), (0.67, 0.1), (0.84, 0.0))):
-        label = ", ".join(f"{d}:{r}" for d, r in stages)
-        v[f"SPU only ({label}), gaussian window, cutoff 0.35"] = replace(
-            base, oim=None, spu=replace(spu, stages=stages, window="gaussian", cutoff=0.35))
+        spu_only(stages, suffix=", gaussian window, cutoff 0.35", window="gaussian", cutoff=0.35)
     return v
 
 
@@ -85,8 +82,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=900)
     p.add_argument("--json")
     p.add_argument("--markdown")
+    p.add_argument("--only", action="append", metavar="TEXT",
+                   help="run only the variants whose label contains TEXT (repeatable), e.g. to re-rank the top ones")
     args = p.parse_args()
-    report = evaluate(args.model, synthvqa_split(VALIDATION_SEED, args.n), variants())
+    runs = {label: cfg for label, cfg in variants().items() if not args.only or any(t in label for t in args.only)}
+    report = evaluate(args.model, synthvqa_split(VALIDATION_SEED, args.n), runs)
     table = format_table(report["results"])
     print(table)
     if args.json:

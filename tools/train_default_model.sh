@@ -48,6 +48,7 @@
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
 #   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only `hires` and `hires2`)
 # Extra flags go to every stage, e.g. on a GPU box:  tools/train_default_model.sh --device cuda --workers 8
+# or on a CPU with AVX512-BF16 (1.7x faster steps on the 2-core EPYC box; docs/training.md, "Twenty-ninth session"):  --cpu-bf16
 # Export a checkpoint at any time:
 #   .venv/bin/python tools/export_checkpoint.py runs/default/hires2/ckpt.pt runs/default/export --max-pixels 200704 --rope-theta 100 --text-layers 6
 # Evaluate with:  .venv/bin/luvc eval --model runs/default/export --methods none,luvc
