@@ -220,6 +220,14 @@ def test_cpu_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
+def test_the_step_benchmark_times_both_precisions():
+    tool = Path(__file__).parent.parent / "tools" / "bench_train_step.py"
+    run = subprocess.run([sys.executable, str(tool), *TINY, "--repeats", "2", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(re.findall(r"pass 1 (fp32|bf16): [\d.]+ s, loss [\d.]+", run.stdout)) == 4, run.stdout
+    assert re.search(r"median s/step: fp32 [\d.]+, bf16 [\d.]+; bf16 is [\d.]+x faster", run.stdout), run.stdout
+
+
 @pytest.mark.parametrize("first, then", [((), ("--question-weight", "1")), (("--question-weight", "1"), ()),
                                          (("--aux-weight", "1"), ("--question-weight", "1"))])
 def test_resuming_with_other_training_heads_is_a_user_error(tmp_path, capsys, first, then):
