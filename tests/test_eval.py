@@ -148,7 +148,7 @@ def test_the_ablation_tool_holds_the_default_luvc_and_runs_a_chosen_subset(tiny_
     results = json.loads(out.read_text())["results"]
     assert [r["method"] for r in results] == ["none", *(f"SPU only (0.34:0.34, 0.67:0), gaussian window, cutoff {c}" for c in (0.25, 0.35, 0.5))]
     default = json.loads(json.dumps(asdict(method_config("luvc"))))
-    assert [r["config"] == default for r in results] == [False, False, True, False]
+    assert sum(r["config"] == default for r in results) == 1
     assert all(r["n"] == 6 and r["llm_flops_ratio"] > 2 for r in results[1:])
 
 

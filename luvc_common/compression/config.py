@@ -56,7 +56,7 @@ class SPUConfig:
     >= 2x theoretical LLM FLOPs in the validation ablation (tools/sweep_defaults.py, docs/results.md). They
     resolve to distinct layers on LLMs of 4 or more layers; on shallower ones, stages that round to one layer act
     as one at the strictest ratio (spu.stage_layers)."""
-    cutoff: float = 0.35
+    cutoff: float = 0.5
     """Low-pass cutoff as a fraction of the spatial frequency band, in (0, 1)."""
     window: str = "gaussian"
     """Low-pass window: "ideal" (box) or "gaussian" (smooth, sigma = cutoff x half band)."""
