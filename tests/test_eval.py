@@ -150,6 +150,9 @@ def test_the_ablation_tool_holds_the_default_luvc_and_runs_a_chosen_subset(tiny_
     default = json.loads(json.dumps(asdict(method_config("luvc"))))
     assert sum(r["config"] == default for r in results) == 1
     assert all(r["n"] == 6 and r["llm_flops_ratio"] > 2 for r in results[1:])
+    typo = subprocess.run([sys.executable, str(tool), "--model", tiny_qwen2vl, "--n", "6", "--only", "SPU onyl"],
+                          capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "no variant's label contains" in typo.stderr, typo.stderr[-2000:]
 
 
 WIP_WEIGHTS = DEFAULT_MODEL.parent / "luvc-tiny-qwen2vl-wip"

@@ -32,7 +32,7 @@ def main() -> None:
         for name in seconds:
             for batch in batches:
                 start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                with T.cpu_autocast(name == "bf16", torch.device("cpu")):
                     loss = model(**batch).loss
                 loss.backward()
                 model.zero_grad(set_to_none=True)

@@ -86,6 +86,8 @@ def main() -> None:
                    help="run only the variants whose label contains TEXT (repeatable), e.g. to re-rank the top ones")
     args = p.parse_args()
     runs = {label: cfg for label, cfg in variants().items() if not args.only or any(t in label for t in args.only)}
+    if not runs:
+        p.error(f"--only {args.only}: no variant's label contains any of these")
     report = evaluate(args.model, synthvqa_split(VALIDATION_SEED, args.n), runs)
     table = format_table(report["results"])
     print(table)

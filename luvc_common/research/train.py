@@ -521,9 +521,9 @@ def autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def cpu_autocast(args: argparse.Namespace, device: torch.device) -> AbstractContextManager:
+def cpu_autocast(bf16: bool, device: torch.device) -> AbstractContextManager:
     """--cpu-bf16's bf16 autocast around a CPU forward pass (backward runs outside it, as autocast asks)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.cpu_bf16 and device.type == "cpu")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device.type == "cpu")
 
 
 def forward(model, batch: dict[str, Tensor], device: torch.device):
@@ -775,7 +775,7 @@ def train(args: argparse.Namespace) -> dict:
             aux_labels = batch.pop("aux_labels", None)
             pointer_targets = [batch.pop(k, None) for k in ("pointer_rows", "pointer_queries", "pointer_keys")]
             question_targets = [batch.pop(k, None) for k in ("question_rows", "question_queries", "question_labels")]
-            with cpu_autocast(args, device):
+            with cpu_autocast(args.cpu_bf16, device):
                 if args.vision_only:
                     vision_forward(model, batch, device)
                     aux_loss = probe.loss(aux_labels)
@@ -803,12 +803,12 @@ def train(args: argparse.Namespace) -> dict:
                           data_s=round(t_model - t_data, 3), model_s=round(now - t_model, 3), elapsed_s=round(schedule.elapsed, 1))
             if args.eval_every and (step % args.eval_every == 0 or schedule.progress(step) >= 1):
                 if args.vision_only:
-                    with cpu_autocast(args, device):
+                    with cpu_autocast(args.cpu_bf16, device):
                         val_probe = probe_accuracy(model, probe, [b for b, _ in val], device)
                     record["val_probe"] = {k: round(v, 3) for k, v in val_probe.items()}
                     tqdm.write(f"step {step} val_probe {record['val_probe']}")
                 else:
-                    with cpu_autocast(args, device):
+                    with cpu_autocast(args.cpu_bf16, device):
                         acc, val_loss = evaluate(model, val, device)
                     record["val"], record["val_loss"] = ({k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss))
                     tqdm.write(f"step {step} val {record['val']}")
