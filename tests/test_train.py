@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -53,16 +54,33 @@ def test_validation_scores_agree_with_the_training_loss(tmp_path):
     args, tokenizer = args_for(), build_tokenizer(FAMILY.chat)
     model = build_model(args, tokenizer)
     batch, tasks = make_batch(2000, range(6), tokenizer, image_processor(args.max_pixels))
-    hits, losses = score(model, batch)
+    hits, losses, token_hits = score(model, batch)
     answer_tokens = (batch["labels"][:, 1:] != -100).sum(1)
     assert torch.allclose((losses * answer_tokens).sum() / answer_tokens.sum(), model(**batch).loss, rtol=1e-4)
     assert not hits.any()  # an untrained model reproduces no answer
-    acc, loss = evaluate(model, [(batch, tasks)])
+    assert ((token_hits >= 0) & (token_hits < 1)).all() and (token_hits * answer_tokens).allclose((token_hits * answer_tokens).round())
+    acc, loss, tokens = evaluate(model, [(batch, tasks)])
     assert acc == {"all": 0.0, **{t: 0.0 for t in tasks}}
     assert loss["all"] == pytest.approx(losses.mean().item()) and loss[tasks[0]] == pytest.approx(losses[0].item())
+    assert tokens[tasks[0]] == pytest.approx(token_hits[0].item())
     train(args_for("--out", str(tmp_path), "--steps", "1", "--eval-every", "1", "--eval-n", "6"))
     record = json.loads((tmp_path / "log.jsonl").read_text())
-    assert set(record["val"]) == set(record["val_loss"]) == {"all", *tasks}
+    assert set(record["val"]) == set(record["val_loss"]) == set(record["val_tokens"]) == {"all", *tasks}
+
+
+def test_score_counts_the_answer_tokens_right_given_the_gold_ones_before():
+    """A model whose logits put the gold token first at two of a three-token answer scores 2/3, and not exact."""
+    labels = torch.tensor([[-100, -100, 7, 8, 9]])
+    logits = torch.zeros(1, 5, 20)
+    for position, token in ((1, 7), (2, 8), (3, 5)):  # logits at t predict labels at t + 1
+        logits[0, position, token] = 1.0
+
+    class Fixed(torch.nn.Module):
+        def forward(self, **batch):
+            return SimpleNamespace(logits=logits)
+
+    exact, _, tokens = score(Fixed(), {"labels": labels, "input_ids": labels.clamp(min=0)})
+    assert not exact.item() and tokens.item() == pytest.approx(2 / 3)
 
 
 def test_extra_questions_are_further_turns_about_the_same_image_that_no_turn_answers():
@@ -296,7 +314,11 @@ def test_char_slot_losses_count_as_one_label_kind():
     probe.tokens = tokens
     losses = [F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(probe.head(tokens).split(probe.sizes, -1))]
     assert probe.sizes[5:] == [17] * 3
-    assert probe.loss(labels).item() == pytest.approx(torch.stack([*losses[:5], torch.stack(losses[5:]).mean()]).mean().item(), rel=1e-5)
+    kinds = [*losses[:5], torch.stack(losses[5:]).mean()]
+    assert probe.loss(labels).item() == pytest.approx(torch.stack(kinds).mean().item(), rel=1e-5)
+    probe.char_weight = 3.0  # --char-weight: the majority character (kind 2) and the slots weigh 3, the rest 1
+    weighted = [3 * k if i in (2, 5) else k for i, k in enumerate(kinds)]
+    assert probe.loss(labels).item() == pytest.approx(torch.stack(weighted).mean().item(), rel=1e-5)
 
 
 def test_evidence_is_where_each_answer_is_drawn():
@@ -429,7 +451,8 @@ def test_the_balanced_probe_weighs_objects_like_the_background():
 
 
 @pytest.mark.parametrize("flags, message", [(["--aux-balanced"], "need --aux-weight"), (["--cell-layer", "0"], "need --aux-weight"),
-                                            (["--char-slots", "2"], "need --aux-weight"),
+                                            (["--char-slots", "2"], "need --aux-weight"), (["--char-weight", "4"], "need --aux-weight"),
+                                            (["--aux-weight", "1", "--char-weight", "-1"], "--char-weight -1.0: must be >= 0"),
                                             (["--aux-weight", "1", "--cell-layer", "5"], "--cell-layer 5: the LLM has 2 layers"),
                                             (["--vision-only"], "needs --aux-weight"),
                                             (["--vision-only", "--aux-weight", "1", "--pointer-weight", "1"], "excludes --pointer-weight"),

@@ -61,7 +61,7 @@ def main() -> None:
         objects = torch.zeros(image.shape)
         objects[image] = (labels[:, shape_column] > 0).float()
         with torch.no_grad():
-            hits, losses = T.score(model, batch)
+            hits, losses, _ = T.score(model, batch)
             read = {kind: right / max(total, 1) for kind, (right, total) in probe.hits(labels).items() if total}
             if probe.cell_head is not None:
                 cells = probe.cell_head(probe.hidden[image].float()).argmax(-1)

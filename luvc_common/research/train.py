@@ -130,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="weigh each dense label kind's background and labelled tokens equally (objects are few tokens)")
     p.add_argument("--char-slots", type=int_at_least(0), default=0,
                    help="with --aux-weight: per visual token also learn the first S characters of the text inked mostly in it, in reading order")
+    p.add_argument("--char-weight", type=float, default=1.0,
+                   help="with --aux-weight: weight of the character kinds (the majority character and the char slots) in the "
+                        "dense loss's mean over label kinds; above 1 spends more of it on the tower's digit recognition")
     p.add_argument("--vision-only", action="store_true",
                    help="with --aux-weight: train only the vision tower on the dense visual-token loss (no LLM forward, "
                         "~2x faster per image); validation then reports the dense heads' held-out accuracy")
@@ -194,11 +197,13 @@ class VisionProbe(torch.nn.Module):
 
     balanced: each label kind's loss is the mean of its loss on unlabelled (class 0) tokens and on labelled ones, so
     that the background, most of every image, does not drown out what the objects are.
-    char_slots: heads for token_labels' reading-order characters; their mean loss counts as one label kind."""
+    char_slots: heads for token_labels' reading-order characters; their mean loss counts as one label kind.
+    char_weight: the character kinds' (majority character, char slots) weight in the mean over kinds; the others weigh 1."""
 
-    def __init__(self, model, balanced: bool = False, cell_layer: int | None = None, char_slots: int = 0):
+    def __init__(self, model, balanced: bool = False, cell_layer: int | None = None, char_slots: int = 0, char_weight: float = 1.0):
         super().__init__()
         self.sizes, self.balanced = [*LABEL_MAPS.values(), 2, *[LABEL_MAPS["char"]] * char_slots], balanced
+        self.char_weight = char_weight
         self.kinds = len(LABEL_MAPS) + 1
         hidden = model.config.text_config.hidden_size
         self.head = torch.nn.Linear(hidden, sum(self.sizes))
@@ -229,6 +234,8 @@ class VisionProbe(torch.nn.Module):
         losses = [self._cross_entropy(lg, labels[:, i].to(lg.device)) for i, lg in enumerate(logits)]
         if len(losses) > self.kinds:
             losses[self.kinds:] = [torch.stack(losses[self.kinds:]).mean()]
+        for i in (list(LABEL_MAPS).index("char"), *range(self.kinds, len(losses))):
+            losses[i] = self.char_weight * losses[i]
         if self.cell_head is not None:
             visual = self.hidden[image_tokens.to(self.hidden.device)].float()
             losses.append(F.cross_entropy(self.cell_head(visual), grid_thirds(grid).to(visual.device)))
@@ -534,14 +541,16 @@ def forward(model, batch: dict[str, Tensor], device: torch.device):
 
 
 @torch.no_grad()
-def score(model, batch: dict[str, Tensor], device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor]:
-    """Per example: does greedy decoding reproduce every answer (teacher-forced argmax == labels), and the
-    mean loss over its answer tokens, which shows progress while exact match is still at chance."""
+def score(model, batch: dict[str, Tensor], device: torch.device = torch.device("cpu")) -> tuple[Tensor, Tensor, Tensor]:
+    """Per example: does greedy decoding reproduce every answer (teacher-forced argmax == labels), the mean loss
+    over its answer tokens, and the share of those tokens it gets right given the gold ones before (for read, the
+    digits right at their place); the last two show progress while exact match is still at chance."""
     logits = forward(model, {k: v for k, v in batch.items() if k != "labels"}, device).logits[:, :-1].float()
     target = batch["labels"][:, 1:].to(device)
     answer = target != -100
     token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-    return ((logits.argmax(-1) == target) | ~answer).all(1).cpu(), (token_loss.sum(1) / answer.sum(1)).cpu()
+    right = logits.argmax(-1) == target
+    return (right | ~answer).all(1).cpu(), (token_loss.sum(1) / answer.sum(1)).cpu(), ((right & answer).sum(1) / answer.sum(1)).cpu()
 
 
 @torch.no_grad()
@@ -564,18 +573,17 @@ def vision_forward(model, batch: dict[str, Tensor], device: torch.device) -> Ten
 
 
 def evaluate(model, batches: list[tuple[dict[str, Tensor], list[str]]],
-             device: torch.device = torch.device("cpu")) -> tuple[dict[str, float], dict[str, float]]:
-    """Exact-match accuracy and mean answer loss, overall ("all") and per task."""
+             device: torch.device = torch.device("cpu")) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Exact-match accuracy, mean answer loss and answer-token accuracy (score's three), overall ("all") and per task."""
     model.eval()
-    hits: dict[str, list[float]] = {}
-    losses: dict[str, list[float]] = {}
+    by_task: list[dict[str, list[float]]] = [{}, {}, {}]
     for batch, tasks in batches:
-        for task, ok, loss in zip(tasks, *(t.tolist() for t in score(model, batch, device))):
-            hits.setdefault(task, []).append(ok)
-            losses.setdefault(task, []).append(loss)
+        for task, *values in zip(tasks, *(t.tolist() for t in score(model, batch, device))):
+            for table, value in zip(by_task, values):
+                table.setdefault(task, []).append(value)
     model.train()
-    mean = lambda by_task: {"all": float(np.mean(sum(by_task.values(), []))), **{t: float(np.mean(v)) for t, v in by_task.items()}}
-    return mean(hits), mean(losses)
+    mean = lambda table: {"all": float(np.mean(sum(table.values(), []))), **{t: float(np.mean(v)) for t, v in table.items()}}
+    return tuple(mean(table) for table in by_task)
 
 
 @dataclass
@@ -727,8 +735,11 @@ def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
-    if (args.aux_balanced or args.cell_layer is not None or args.char_slots) and not args.aux_weight:
-        raise ConfigError("--aux-balanced, --cell-layer and --char-slots shape the dense visual-token loss: they need --aux-weight > 0")
+    if (args.aux_balanced or args.cell_layer is not None or args.char_slots or args.char_weight != 1) and not args.aux_weight:
+        raise ConfigError("--aux-balanced, --cell-layer, --char-slots and --char-weight shape the dense visual-token loss: "
+                          "they need --aux-weight > 0")
+    if args.char_weight < 0:
+        raise ConfigError(f"--char-weight {args.char_weight}: must be >= 0")
     if args.vision_only and (not args.aux_weight or args.pointer_weight or args.question_weight or args.cell_layer is not None):
         raise ConfigError("--vision-only trains the vision tower on the dense loss alone: it needs --aux-weight > 0 and "
                           "excludes --pointer-weight, --question-weight and --cell-layer, which teach LLM layers")
@@ -743,7 +754,7 @@ def train(args: argparse.Namespace) -> dict:
     tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
     image_token_id = tokenizer.convert_tokens_to_ids(FAMILY.chat.image)
     model = build_model(args, tokenizer).to(device)
-    probe = VisionProbe(model, args.aux_balanced, args.cell_layer, args.char_slots).to(device) if args.aux_weight else None
+    probe = VisionProbe(model, args.aux_balanced, args.cell_layer, args.char_slots, args.char_weight).to(device) if args.aux_weight else None
     pointer = AttentionPointer(model, args.pointer_layers) if args.pointer_weight else None
     question = QuestionProbe(model, args.question_layer).to(device) if args.question_weight else None
     heads = {name: head for name, head in (("probe", probe), ("question", question)) if head is not None}
@@ -809,8 +820,9 @@ def train(args: argparse.Namespace) -> dict:
                     tqdm.write(f"step {step} val_probe {record['val_probe']}")
                 else:
                     with cpu_autocast(args.cpu_bf16, device):
-                        acc, val_loss = evaluate(model, val, device)
-                    record["val"], record["val_loss"] = ({k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss))
+                        acc, val_loss, val_tokens = evaluate(model, val, device)
+                    record["val"], record["val_loss"], record["val_tokens"] = (
+                        {k: round(v, 3) for k, v in d.items()} for d in (acc, val_loss, val_tokens))
                     tqdm.write(f"step {step} val {record['val']}")
             if probe:
                 record["aux_loss"] = round(aux_loss.item(), 4)
