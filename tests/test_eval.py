@@ -12,7 +12,7 @@ from luvc_common.cli import main
 from luvc_common.config import DEFAULT_MODEL
 from luvc_common.compression.config import OIMConfig, SPUConfig
 from luvc_common.compression.methods import budget_unset, method_config, split_specs
-from luvc_common.research.evaluate import _runs, config_label, evaluate, score, synthvqa_split
+from luvc_common.research.evaluate import _runs, anls, config_label, evaluate, score, synthvqa_split
 from luvc_common.compression.flops import flops_ratio, layer_flops, prefill_flops, uncompressed_tokens_per_layer
 from luvc_common.research.synthvqa import TASKS, load_jsonl, write_dataset
 
@@ -39,10 +39,19 @@ def test_flops_ratio_orders_methods():
 
 def test_score_normalises_and_splits_by_task():
     result = score(["color", "color", "read", "chart"], ["Blue.", "red", " 417 ", "b"], ["blue", "green", "417", "B"])
-    assert result == {"accuracy": 0.75, "per_task": {"color": 0.5, "read": 1.0, "chart": 1.0},
+    assert result == {"accuracy": 0.75, "anls": 0.75, "per_task": {"color": 0.5, "read": 1.0, "chart": 1.0},
+                      "per_task_anls": {"color": 0.5, "read": 1.0, "chart": 1.0},
                       "per_task_n": {"color": 2, "read": 1, "chart": 1}, "n": 4}
     with pytest.raises(ValueError):
         score(["color"], ["a", "b"], ["a"])
+
+
+def test_anls_gives_partial_credit_to_near_readings_only():
+    """One wrong digit of five keeps 0.8; a reading less than half right (or a missing one) scores nothing."""
+    result = score(["read"] * 4, ["12395", "1234", "99945", ""], ["12345", "12345", "12345", "12345"])
+    assert result["accuracy"] == 0.0
+    assert result["per_task_anls"]["read"] == pytest.approx((0.8 + 0.8 + 0.0 + 0.0) / 4)
+    assert anls("777", "123") == 0.0 and anls("417", "417") == 1.0
 
 
 def test_config_labels_are_the_specs_that_make_them():

@@ -50,16 +50,31 @@ def synthvqa_split(seed: int = TEST_SEED, n: int = TEST_N) -> list[dict]:
             for ex in (make_example(seed, i) for i in range(n))]
 
 
+def anls(prediction: str, answer: str, threshold: float = 0.5) -> float:
+    """Normalized Levenshtein similarity, 0 below `threshold` (ANLS, the DocVQA / ST-VQA reading metric): partial
+    credit for a nearly right reading, where exact match sees only whole answers."""
+    from rapidfuzz.distance import Levenshtein
+
+    similarity = 1.0 - Levenshtein.normalized_distance(prediction, answer)
+    return similarity if similarity >= threshold else 0.0
+
+
 def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
-    """Exact match after normalize_answer: {"accuracy", "per_task": {task: accuracy}, "per_task_n": {task: examples}, "n"}."""
+    """Exact match and ANLS after normalize_answer: {"accuracy", "anls", "per_task": {task: accuracy},
+    "per_task_anls": {task: ANLS}, "per_task_n": {task: examples}, "n"}."""
     from luvc_common.research.synthvqa import normalize_answer
 
     hits: dict[str, list[bool]] = defaultdict(list)
+    similar: dict[str, list[float]] = defaultdict(list)
     for task, pred, answer in zip(tasks, predictions, answers, strict=True):
-        hits[task].append(normalize_answer(pred) == normalize_answer(answer))
-    n = len(tasks)
-    return {"accuracy": sum(map(sum, hits.values())) / max(n, 1), "per_task": {t: sum(h) / len(h) for t, h in hits.items()},
-            "per_task_n": {t: len(h) for t, h in hits.items()}, "n": n}
+        pred, answer = normalize_answer(pred), normalize_answer(answer)
+        hits[task].append(pred == answer)
+        similar[task].append(anls(pred, answer))
+    n = max(len(tasks), 1)
+    return {"accuracy": sum(map(sum, hits.values())) / n, "anls": sum(map(sum, similar.values())) / n,
+            "per_task": {t: sum(h) / len(h) for t, h in hits.items()},
+            "per_task_anls": {t: sum(s) / len(s) for t, s in similar.items()},
+            "per_task_n": {t: len(h) for t, h in hits.items()}, "n": len(tasks)}
 
 
 def config_label(cfg: CompressionConfig) -> str:
@@ -208,13 +223,18 @@ def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequ
 
 
 def format_table(results: list[dict]) -> str:
-    """One line per method: accuracy, per-task accuracies, visual tokens, FLOPs ratio, prefill speedup."""
+    """One line per method: accuracy, per-task accuracies, read's ANLS (when read was asked), visual tokens, FLOPs
+    ratio, prefill speedup."""
     tasks = list(dict.fromkeys(t for r in results for t in r["per_task"]))
     width = max(len("method"), *(len(r["method"]) for r in results))
-    head = f"{'method':<{width}}  {'acc':>5}  " + " ".join(f"{t[:8]:>8}" for t in tasks) + f"  {'vis tok':>7}  {'FLOPs x':>7}  {'prefill x':>9}"
+    read = "read" in tasks
+    head = (f"{'method':<{width}}  {'acc':>5}  " + " ".join(f"{t[:8]:>8}" for t in tasks) + ("  read ANLS" if read else "")
+            + f"  {'vis tok':>7}  {'FLOPs x':>7}  {'prefill x':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         per_task = " ".join(f"{r['per_task'][t]:8.3f}" if t in r["per_task"] else f"{'-':>8}" for t in tasks)
+        if read:
+            per_task += f"  {r['per_task_anls']['read']:9.3f}" if "read" in r.get("per_task_anls", {}) else f"  {'-':>9}"
         lines.append(f"{r['method']:<{width}}  {r['accuracy']:5.3f}  {per_task}  {r['visual_tokens_llm_in']:7.1f}"
                      f"  {r['llm_flops_ratio']:7.2f}  {r['llm_prefill_speedup']:9.2f}")
     return "\n".join(lines)
