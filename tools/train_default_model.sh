@@ -47,13 +47,16 @@
 #   hires3   the same mixture again ("Twenty-ninth session"), lr 2e-4, seed 3011, 118 minutes: the shipped weights are
 #            its end (validation 77.1% -> 77.8%; test split 78.3% both). That session started it from the bf16
 #            export of hires2's step 1,412 (fresh training heads) and ran it with --cpu-bf16 from step 215.
+#   hires4   the same mixture with the dense loss's character kinds weighed 3x (--char-weight 3; "Thirtieth
+#            session"), seed 3111, 112 minutes: the shipped weights are its end (validation 77.8% -> 79.1%).
+#            That session started it from hires3's bf16 export, with --cpu-bf16 throughout.
 # Resumable: rerunning skips finished stages and continues the current one from its ckpt.pt. On a fresh
 # machine (runs/ is not committed) continue from the committed unshipped weights instead of from scratch:
-#   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only `hires`, `hires2` and `hires3`)
+#   RUN=runs/next tools/train_default_model.sh --init models/luvc-tiny-qwen2vl-wip   (runs only the `hires` stages)
 # Extra flags go to every stage, e.g. on a GPU box:  tools/train_default_model.sh --device cuda --workers 8
 # or on a CPU with AVX512-BF16 (1.7x faster steps on the 2-core EPYC box; docs/training.md, "Twenty-ninth session"):  --cpu-bf16
 # Export a checkpoint at any time:
-#   .venv/bin/python tools/export_checkpoint.py runs/default/hires3/ckpt.pt runs/default/export --max-pixels 200704 --rope-theta 100 --text-layers 6
+#   .venv/bin/python tools/export_checkpoint.py runs/default/hires4/ckpt.pt runs/default/export --max-pixels 200704 --rope-theta 100 --text-layers 6
 # Evaluate with:  .venv/bin/luvc eval --model runs/default/export --methods none,luvc
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,4 +88,7 @@ stage hires2 --seed 2901 --lr 2e-4 --batch-size 32 --minutes 150 --text-layers 6
   --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
 stage hires3 --seed 3011 --lr 2e-4 --batch-size 32 --minutes 118 --text-layers 6 --char-slots 4 --read-digits 3,5 --read-height 56 \
   --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" --init "$run/hires2/ckpt.pt" \
+  --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
+stage hires4 --seed 3111 --lr 2e-4 --batch-size 32 --minutes 112 --text-layers 6 --char-slots 4 --char-weight 3 --read-digits 3,5 \
+  --read-height 56 --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" --init "$run/hires3/ckpt.pt" \
   --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
