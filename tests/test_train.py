@@ -321,6 +321,16 @@ def test_char_slot_losses_count_as_one_label_kind():
     assert probe.loss(labels).item() == pytest.approx(torch.stack(weighted).mean().item(), rel=1e-5)
 
 
+def test_char_weight_reaches_the_training_loss(tmp_path):
+    """--char-weight is wired from the command line to the probe: the same first batch, from the same init, gets a
+    larger dense loss and the same answer loss."""
+    flags = ["--steps", "1", "--aux-weight", "1", "--char-slots", "2"]
+    train(args_for("--out", str(tmp_path / "plain"), *flags))
+    train(args_for("--out", str(tmp_path / "weighted"), *flags, "--char-weight", "3"))
+    plain, weighted = (json.loads((tmp_path / run / "log.jsonl").read_text()) for run in ("plain", "weighted"))
+    assert weighted["loss"] == plain["loss"] and weighted["aux_loss"] > 1.2 * plain["aux_loss"]
+
+
 def test_evidence_is_where_each_answer_is_drawn():
     """The pointer targets: the referred objects' tokens, each digit's token in reading order, nothing for a count of 0."""
     scene = Scene(336, 224, (240, 240, 240), objects=(Shape("square", "blue", 80, 67, 20), Shape("circle", "red", 250, 170, 15),

@@ -44,8 +44,8 @@
 #            the test split).
 #   hires2   the same mixture continued ("Twenty-eighth session"), lr 2e-4, seed 2901: the previous shipped weights
 #            were its step 1,412, at 121 minutes of its 150 (test split 76.5% -> 78.3%, count 67 -> 72).
-#   hires3   the same mixture again ("Twenty-ninth session"), lr 2e-4, seed 3011, 118 minutes: the shipped weights are
-#            its end (validation 77.1% -> 77.8%; test split 78.3% both). That session started it from the bf16
+#   hires3   the same mixture again ("Twenty-ninth session"), lr 2e-4, seed 3011, 118 minutes: the previous shipped
+#            weights were its end (validation 77.1% -> 77.8%; test split 78.3% both). That session started it from the bf16
 #            export of hires2's step 1,412 (fresh training heads) and ran it with --cpu-bf16 from step 215.
 #   hires4   the same mixture with the dense loss's character kinds weighed 3x (--char-weight 3; "Thirtieth
 #            session"), seed 3111, 112 minutes: the shipped weights are its end (validation 77.8% -> 79.1%).
@@ -80,15 +80,12 @@ if [[ " $* " != *" --init "* && " $* " != *" --init="* ]]; then  # a given --ini
     --strip-share 0.5 --tasks read,read,read,read,read,read,read,read,color,shape,count,count,count,position,chart "$@" --init "$run/read/ckpt.pt"
   set -- "$@" --init "$run/read2/ckpt.pt"
 fi
-stage hires --seed 2801 --lr 3e-4 --batch-size 32 --minutes 150 --text-layers 6 --char-slots 4 --read-digits 3,5 --read-height 56 \
-  --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" \
-  --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
-stage hires2 --seed 2901 --lr 2e-4 --batch-size 32 --minutes 150 --text-layers 6 --char-slots 4 --read-digits 3,5 --read-height 56 \
-  --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" --init "$run/hires/ckpt.pt" \
-  --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
-stage hires3 --seed 3011 --lr 2e-4 --batch-size 32 --minutes 118 --text-layers 6 --char-slots 4 --read-digits 3,5 --read-height 56 \
-  --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" --init "$run/hires2/ckpt.pt" \
-  --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
-stage hires4 --seed 3111 --lr 2e-4 --batch-size 32 --minutes 112 --text-layers 6 --char-slots 4 --char-weight 3 --read-digits 3,5 \
-  --read-height 56 --strip-share 0.5 --max-pixels 200704 --low-pixels 50176 --export "$run/export" "$@" --init "$run/hires3/ckpt.pt" \
-  --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart
+hires() {  # hires NAME FLAGS...: a stage of the read-heavy mixture at up to 200,704 pixels
+  stage "$1" --batch-size 32 --text-layers 6 --char-slots 4 --read-digits 3,5 --read-height 56 --strip-share 0.5 \
+    --max-pixels 200704 --low-pixels 50176 --export "$run/export" \
+    --tasks read,read,read,read,read,read,read,color,shape,count,count,count,count,position,chart "${@:2}"
+}
+hires hires --seed 2801 --lr 3e-4 --minutes 150 "$@"
+hires hires2 --seed 2901 --lr 2e-4 --minutes 150 "$@" --init "$run/hires/ckpt.pt"
+hires hires3 --seed 3011 --lr 2e-4 --minutes 118 "$@" --init "$run/hires2/ckpt.pt"
+hires hires4 --seed 3111 --lr 2e-4 --minutes 112 --char-weight 3 "$@" --init "$run/hires3/ckpt.pt"

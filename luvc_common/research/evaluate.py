@@ -234,7 +234,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         per_task = " ".join(f"{r['per_task'][t]:8.3f}" if t in r["per_task"] else f"{'-':>8}" for t in tasks)
         if read:
-            per_task += f"  {r['per_task_anls']['read']:9.3f}" if "read" in r.get("per_task_anls", {}) else f"  {'-':>9}"
+            per_task += f"  {r['per_task_anls']['read']:9.3f}"
         lines.append(f"{r['method']:<{width}}  {r['accuracy']:5.3f}  {per_task}  {r['visual_tokens_llm_in']:7.1f}"
                      f"  {r['llm_flops_ratio']:7.2f}  {r['llm_prefill_speedup']:9.2f}")
     return "\n".join(lines)
