@@ -331,6 +331,28 @@ def test_char_weight_reaches_the_training_loss(tmp_path):
     assert weighted["loss"] == plain["loss"] and weighted["aux_loss"] > 1.2 * plain["aux_loss"]
 
 
+def test_init_from_a_checkpoint_keeps_the_training_heads_that_fit(tmp_path, capsys):
+    """A next stage starts its dense and question heads where --init's run left them, not from random; a head of
+    another shape (here more char slots) starts fresh, and so do all heads from an exported model directory."""
+    flags = ["--steps", "1", "--aux-weight", "1", "--char-slots", "2", "--question-weight", "1"]
+    train(args_for("--out", str(tmp_path / "first"), *flags, "--export", str(tmp_path / "model")))
+    first = torch.load(tmp_path / "first" / "ckpt.pt", weights_only=False)
+    next_stage = ["--init", str(tmp_path / "first" / "ckpt.pt"), "--lr", "0"]  # lr 0: the heads stay as loaded
+    train(args_for("--out", str(tmp_path / "next"), *flags, *next_stage))
+    warm = torch.load(tmp_path / "next" / "ckpt.pt", weights_only=False)
+    for name in ("probe", "question"):
+        assert all(torch.equal(warm[name][k], w) for k, w in first[name].items()), name
+    assert "training heads from --init: probe, question; fresh: none" in capsys.readouterr().out
+    train(args_for("--out", str(tmp_path / "slots"), *flags, *next_stage, "--char-slots", "3"))
+    slots = torch.load(tmp_path / "slots" / "ckpt.pt", weights_only=False)
+    assert all(torch.equal(slots["question"][k], w) for k, w in first["question"].items())
+    assert "training heads from --init: question; fresh: probe" in capsys.readouterr().out
+    train(args_for("--out", str(tmp_path / "exported"), *flags, "--init", str(tmp_path / "model"), "--lr", "0"))
+    exported = torch.load(tmp_path / "exported" / "ckpt.pt", weights_only=False)
+    assert not torch.equal(exported["question"]["colour.weight"], first["question"]["colour.weight"])
+    assert "training heads from --init: none; fresh: probe, question" in capsys.readouterr().out
+
+
 def test_evidence_is_where_each_answer_is_drawn():
     """The pointer targets: the referred objects' tokens, each digit's token in reading order, nothing for a count of 0."""
     scene = Scene(336, 224, (240, 240, 240), objects=(Shape("square", "blue", 80, 67, 20), Shape("circle", "red", 250, 170, 15),

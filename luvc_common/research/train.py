@@ -144,7 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="warm start (fresh optimizer and schedule): model weights from another run's ckpt.pt, or from an "
                         "exported model directory such as models/luvc-tiny-qwen2vl-wip (bf16 weights, read as fp32); a "
-                        "shallower LLM or tower than --text-layers / --vision-depth grows by identity layers on top")
+                        "shallower LLM or tower than --text-layers / --vision-depth grows by identity layers on top; from a "
+                        "ckpt.pt without --init-vision, also the training heads (--aux-weight's, --question-weight's) it "
+                        "trained in the same shapes, so a next stage does not restart them from random")
     p.add_argument("--init-vision", default=None,
                    help="warm start the vision tower and its merger from this ckpt.pt or model directory instead of --init's "
                         "(the rest from --init, or fresh): e.g. a vision-only run of another --vision-dim with a trained LLM; "
@@ -643,6 +645,21 @@ def initial_weights(path: str | Path, model, parts: tuple[str, ...] = ("text_con
     return exported.to(device).state_dict()
 
 
+def initial_heads(path: str | Path, heads: dict[str, torch.nn.Module]) -> list[str]:
+    """Load into `heads` (by HEADS name) those that the run checkpoint `path` saved with the same tensor names and
+    shapes; returns their names. An exported model directory holds no heads."""
+    if Path(path).is_dir():
+        return []
+    state = torch.load(path, weights_only=False, map_location="cpu")  # load_state_dict copies onto each head's device
+    taken = []
+    for name, head in heads.items():
+        saved, own = state.get(name), head.state_dict()
+        if saved is not None and saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own):
+            head.load_state_dict(saved)
+            taken.append(name)
+    return taken
+
+
 def _shallower(key: str, got, want) -> bool:
     """Whether config field `key` says `got`'s stack is `want`'s with fewer layers on top."""
     if got is None or want is None:
@@ -764,6 +781,10 @@ def train(args: argparse.Namespace) -> dict:
     step = load_checkpoint(ckpt, model, optimizer, schedule, heads) if args.resume and ckpt.exists() else 0
     if step == 0 and (args.init or args.init_vision):
         model.load_state_dict(start_weights(args, model))
+        if args.init and not args.init_vision and heads:  # heads read the tower: another tower's would not fit them
+            warm = initial_heads(args.init, heads)
+            print(f"training heads from --init: {', '.join(warm) or 'none'}; fresh: {', '.join(sorted(heads.keys() - set(warm))) or 'none'}",
+                  flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
     val_recipe = Recipe(dense=True, char_slots=args.char_slots) if args.vision_only else Recipe()
