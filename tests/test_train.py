@@ -333,7 +333,8 @@ def test_char_weight_reaches_the_training_loss(tmp_path):
 
 def test_init_from_a_checkpoint_keeps_the_training_heads_that_fit(tmp_path, capsys):
     """A next stage starts its dense and question heads where --init's run left them, not from random; a head of
-    another shape (here more char slots) starts fresh, and so do all heads from an exported model directory."""
+    another shape (here more char slots) starts fresh, and so do all heads from an exported model directory or with
+    --init-vision."""
     flags = ["--steps", "1", "--aux-weight", "1", "--char-slots", "2", "--question-weight", "1"]
     train(args_for("--out", str(tmp_path / "first"), *flags, "--export", str(tmp_path / "model")))
     first = torch.load(tmp_path / "first" / "ckpt.pt", weights_only=False)
@@ -351,6 +352,8 @@ def test_init_from_a_checkpoint_keeps_the_training_heads_that_fit(tmp_path, caps
     exported = torch.load(tmp_path / "exported" / "ckpt.pt", weights_only=False)
     assert not torch.equal(exported["question"]["colour.weight"], first["question"]["colour.weight"])
     assert "training heads from --init: none; fresh: probe, question" in capsys.readouterr().out
+    train(args_for("--out", str(tmp_path / "eyes"), *flags, *next_stage, "--init-vision", str(tmp_path / "model")))
+    assert "training heads from --init: none; fresh: probe, question" in capsys.readouterr().out  # they read another tower
 
 
 def test_evidence_is_where_each_answer_is_drawn():

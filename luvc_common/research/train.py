@@ -781,8 +781,8 @@ def train(args: argparse.Namespace) -> dict:
     step = load_checkpoint(ckpt, model, optimizer, schedule, heads) if args.resume and ckpt.exists() else 0
     if step == 0 and (args.init or args.init_vision):
         model.load_state_dict(start_weights(args, model))
-        if args.init and not args.init_vision and heads:  # heads read the tower: another tower's would not fit them
-            warm = initial_heads(args.init, heads)
+        if args.init and heads:
+            warm = [] if args.init_vision else initial_heads(args.init, heads)  # heads read the tower: not another's
             print(f"training heads from --init: {', '.join(warm) or 'none'}; fresh: {', '.join(sorted(heads.keys() - set(warm))) or 'none'}",
                   flush=True)
     n_params = sum(p.numel() for p in model.parameters())
