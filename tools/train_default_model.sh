@@ -48,7 +48,7 @@
 #            weights were its end (validation 77.1% -> 77.8%; test split 78.3% both). That session started it from the bf16
 #            export of hires2's step 1,412 (fresh training heads) and ran it with --cpu-bf16 from step 215.
 #   hires4   the same mixture with the dense loss's character kinds weighed 3x (--char-weight 3; "Thirtieth
-#            session"), seed 3111, 112 minutes: the shipped weights are its end (validation 77.8% -> 79.1%).
+#            session"), seed 3111, 112 minutes: the previous shipped weights were its end (validation 77.8% -> 79.1%).
 #            That session started it from hires3's bf16 export, with --cpu-bf16 throughout.
 #   hires5   the same mixture with --char-weight 6 ("Thirty-first session"), seed 3211, 112 minutes: the shipped weights
 #            are its end (validation 79.1% -> 80.1%, test 79.2% -> 80.0%). That session started it from hires4's
