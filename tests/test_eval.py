@@ -118,6 +118,36 @@ def test_cli_writes_json_and_plot(tiny_qwen2vl, data, tmp_path):
         main(["eval", "--limit", "0"])
 
 
+def test_predictions_file_holds_every_answer_and_agrees_with_the_report(tiny_qwen2vl, data, tmp_path):
+    """Answers set to what `none` said become right, in the file and in the accuracy, and the paired counts
+    against `none` add up to the accuracy difference."""
+    said = tmp_path / "said.jsonl"
+    assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "luvc:merges=0.5", "--limit", "4",
+                 "--predictions", str(said)]) == 0
+    first = [json.loads(line) for line in said.read_text().splitlines()]
+    assert [(r["method"], r["index"]) for r in first] == [(m, i) for m in ("none", "luvc:merges=0.5") for i in range(4)]
+    records = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    for r in first[:2]:  # none's first two answers become the gold ones
+        assert r["question"] == records[r["index"]]["question"]
+        records[r["index"]]["answer"] = r["prediction"]
+    relabelled = tmp_path / "relabelled" / "data.jsonl"
+    relabelled.parent.mkdir()
+    relabelled.write_text("".join(json.dumps(r | {"image": str(Path(data).parent / r["image"])}) + "\n" for r in records))
+    out, again = tmp_path / "eval.json", tmp_path / "again.jsonl"
+    assert main(["eval", "--data", str(relabelled), "--model", tiny_qwen2vl, "--methods", "luvc:merges=0.5", "--limit", "4",
+                 "--predictions", str(again), "--json", str(out)]) == 0
+    lines = [json.loads(line) for line in again.read_text().splitlines()]
+    assert [r["prediction"] for r in lines] == [r["prediction"] for r in first]  # greedy: the same answers
+    assert all(r["correct"] and r["anls"] == 1.0 for r in lines[:2])
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert "predictions" not in results["none"]
+    for method, r in results.items():
+        assert r["accuracy"] == sum(x["correct"] for x in lines if x["method"] == method) / 4
+    assert results["none"]["vs_none"] == {"lost": 0, "gained": 0}
+    flips = results["luvc:merges=0.5"]["vs_none"]
+    assert flips["lost"] - flips["gained"] == round(4 * (results["none"]["accuracy"] - results["luvc:merges=0.5"]["accuracy"]))
+
+
 def test_budgetless_baselines_are_matched_to_luvc(tiny_qwen2vl, data, tmp_path):
     out = tmp_path / "matched.json"
     assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "luvc,tome,random:keep=0.5",

@@ -167,14 +167,23 @@ def evaluate(
 
 def _summarise(runs: dict[str, CompressionConfig], rows: dict[str, list[tuple]], examples: list[dict], base_flops: float) -> list[dict]:
     """One result per run: accuracy, visual tokens, theoretical FLOPs ratio and measured prefill speedup
-    against the first run (the uncompressed one)."""
-    base_ms = statistics.median(row[4] for row in rows[next(iter(runs))])
+    against the first run (the uncompressed one), the examples it gets wrong where that run is right and the
+    reverse ("vs_none": {"lost", "gained"}, the paired view of an accuracy difference), and its predictions."""
+    from luvc_common.research.synthvqa import normalize_answer
+
+    answers = [normalize_answer(ex["answer"]) for ex in examples]
+    right = {label: [normalize_answer(row[0]) == a for row, a in zip(rows[label], answers)] for label in runs}
+    base = next(iter(runs))
+    base_ms = statistics.median(row[4] for row in rows[base])
     results = []
     for label, cfg in runs.items():
         preds, vis_in, per_layer, flops, prefill_ms = zip(*rows[label])
+        pairs = list(zip(right[base], right[label]))
         results.append({
             "method": label, "config": asdict(cfg),
             **score([ex["task"] for ex in examples], preds, [ex["answer"] for ex in examples]),
+            "vs_none": {"lost": pairs.count((True, False)), "gained": pairs.count((False, True))},
+            "predictions": list(preds),
             "visual_tokens_llm_in": statistics.fmean(vis_in),
             "visual_tokens_per_layer": [statistics.fmean(layer) for layer in zip(*per_layer)],
             "llm_flops_ratio": base_flops / sum(flops),
@@ -308,8 +317,23 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=8)
     p.add_argument("--json", metavar="OUT", help='write {"results": [...], ...} here')
     p.add_argument("--plot", metavar="PNG", help="write an accuracy vs LLM speedup plot here")
+    p.add_argument("--predictions", metavar="OUT.jsonl", help="write every method's answer to every example here, one "
+                   "JSON line each: {index, method, task, question, answer, prediction, correct, anls}")
     p.set_defaults(func=cmd_eval)
     return p
+
+
+def write_predictions(path: str | Path, examples: Sequence[dict], results: Sequence[dict]) -> None:
+    """One JSON line per method and example: what it answered and whether that is right (as `score` judges)."""
+    from luvc_common.research.synthvqa import normalize_answer
+
+    with open(path, "w") as f:
+        for r in results:
+            for i, (ex, pred) in enumerate(zip(examples, r["predictions"], strict=True)):
+                said, answer = normalize_answer(pred), normalize_answer(ex["answer"])
+                f.write(json.dumps({"index": i, "method": r["method"], "task": ex["task"], "question": ex["question"],
+                                    "answer": ex["answer"], "prediction": pred, "correct": said == answer,
+                                    "anls": anls(said, answer)}) + "\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -330,8 +354,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.model, examples, runs, args.limit, max_new_tokens=args.max_new_tokens)
     report["data"] = args.data or f"synthvqa test (seed {TEST_SEED})"
     print(format_table(report["results"]))
+    if args.predictions:
+        write_predictions(args.predictions, examples[:args.limit], report["results"])
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        summary = [{k: v for k, v in r.items() if k != "predictions"} for r in report["results"]]
+        Path(args.json).write_text(json.dumps(report | {"results": summary}, indent=2) + "\n")
     if args.plot:
         plot(report, args.plot)
     return 0
