@@ -118,7 +118,7 @@ def test_cli_writes_json_and_plot(tiny_qwen2vl, data, tmp_path):
         main(["eval", "--limit", "0"])
 
 
-def test_predictions_file_holds_every_answer_and_agrees_with_the_report(tiny_qwen2vl, data, tmp_path):
+def test_predictions_file_holds_every_answer_and_agrees_with_the_report(tiny_qwen2vl, data, tmp_path, capsys):
     """Answers set to what `none` said become right, in the file and in the accuracy, and the paired counts
     against `none` add up to the accuracy difference."""
     said = tmp_path / "said.jsonl"
@@ -146,6 +146,8 @@ def test_predictions_file_holds_every_answer_and_agrees_with_the_report(tiny_qwe
     assert results["none"]["vs_none"] == {"lost": 0, "gained": 0}
     flips = results["luvc:merges=0.5"]["vs_none"]
     assert flips["lost"] - flips["gained"] == round(4 * (results["none"]["accuracy"] - results["luvc:merges=0.5"]["accuracy"]))
+    table = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()[-2:]}
+    assert table == {"none": "-0/+0", "luvc:merges=0.5": f"-{flips['lost']}/+{flips['gained']}"}
 
 
 def test_budgetless_baselines_are_matched_to_luvc(tiny_qwen2vl, data, tmp_path):

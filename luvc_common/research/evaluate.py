@@ -232,19 +232,20 @@ def match_budgets(model_dir: str | Path, examples: Sequence[dict], methods: Sequ
 
 
 def format_table(results: list[dict]) -> str:
-    """One line per method: accuracy, per-task accuracies, read's ANLS (when read was asked), visual tokens, FLOPs
-    ratio, prefill speedup."""
+    """One line per method: accuracy, examples lost / gained against none, per-task accuracies, read's ANLS (when
+    read was asked), visual tokens, FLOPs ratio, prefill speedup."""
     tasks = list(dict.fromkeys(t for r in results for t in r["per_task"]))
     width = max(len("method"), *(len(r["method"]) for r in results))
     read = "read" in tasks
-    head = (f"{'method':<{width}}  {'acc':>5}  " + " ".join(f"{t[:8]:>8}" for t in tasks) + ("  read ANLS" if read else "")
+    head = (f"{'method':<{width}}  {'acc':>5}  {'-/+ none':>9}  " + " ".join(f"{t[:8]:>8}" for t in tasks) + ("  read ANLS" if read else "")
             + f"  {'vis tok':>7}  {'FLOPs x':>7}  {'prefill x':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         per_task = " ".join(f"{r['per_task'][t]:8.3f}" if t in r["per_task"] else f"{'-':>8}" for t in tasks)
         if read:
             per_task += f"  {r['per_task_anls']['read']:9.3f}"
-        lines.append(f"{r['method']:<{width}}  {r['accuracy']:5.3f}  {per_task}  {r['visual_tokens_llm_in']:7.1f}"
+        flips = f"-{r['vs_none']['lost']}/+{r['vs_none']['gained']}"
+        lines.append(f"{r['method']:<{width}}  {r['accuracy']:5.3f}  {flips:>9}  {per_task}  {r['visual_tokens_llm_in']:7.1f}"
                      f"  {r['llm_flops_ratio']:7.2f}  {r['llm_prefill_speedup']:9.2f}")
     return "\n".join(lines)
 
