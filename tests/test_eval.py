@@ -114,6 +114,8 @@ def test_cli_writes_json_and_plot(tiny_qwen2vl, data, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", "--data", str(tmp_path / "missing.jsonl"), "--model", tiny_qwen2vl]) == 2
     assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, "--methods", "nope"]) == 2
+    for flag in ("--json", "--plot", "--predictions"):
+        assert main(["eval", "--data", str(data), "--model", tiny_qwen2vl, flag, str(tmp_path / "nowhere" / "out")]) == 2
     with pytest.raises(SystemExit):
         main(["eval", "--limit", "0"])
 

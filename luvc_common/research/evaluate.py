@@ -59,17 +59,23 @@ def anls(prediction: str, answer: str, threshold: float = 0.5) -> float:
     return similarity if similarity >= threshold else 0.0
 
 
-def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
-    """Exact match and ANLS after normalize_answer: {"accuracy", "anls", "per_task": {task: accuracy},
-    "per_task_anls": {task: ANLS}, "per_task_n": {task: examples}, "n"}."""
+def judge(prediction: str, answer: str) -> tuple[bool, float]:
+    """(exact match, ANLS) of one answer, both after normalize_answer."""
     from luvc_common.research.synthvqa import normalize_answer
 
+    prediction, answer = normalize_answer(prediction), normalize_answer(answer)
+    return prediction == answer, anls(prediction, answer)
+
+
+def score(tasks: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict:
+    """Exact match and ANLS (judge): {"accuracy", "anls", "per_task": {task: accuracy},
+    "per_task_anls": {task: ANLS}, "per_task_n": {task: examples}, "n"}."""
     hits: dict[str, list[bool]] = defaultdict(list)
     similar: dict[str, list[float]] = defaultdict(list)
     for task, pred, answer in zip(tasks, predictions, answers, strict=True):
-        pred, answer = normalize_answer(pred), normalize_answer(answer)
-        hits[task].append(pred == answer)
-        similar[task].append(anls(pred, answer))
+        hit, similarity = judge(pred, answer)
+        hits[task].append(hit)
+        similar[task].append(similarity)
     n = max(len(tasks), 1)
     return {"accuracy": sum(map(sum, hits.values())) / n, "anls": sum(map(sum, similar.values())) / n,
             "per_task": {t: sum(h) / len(h) for t, h in hits.items()},
@@ -169,10 +175,7 @@ def _summarise(runs: dict[str, CompressionConfig], rows: dict[str, list[tuple]],
     """One result per run: accuracy, visual tokens, theoretical FLOPs ratio and measured prefill speedup
     against the first run (the uncompressed one), the examples it gets wrong where that run is right and the
     reverse ("vs_none": {"lost", "gained"}, the paired view of an accuracy difference), and its predictions."""
-    from luvc_common.research.synthvqa import normalize_answer
-
-    answers = [normalize_answer(ex["answer"]) for ex in examples]
-    right = {label: [normalize_answer(row[0]) == a for row, a in zip(rows[label], answers)] for label in runs}
+    right = {label: [judge(row[0], ex["answer"])[0] for row, ex in zip(rows[label], examples)] for label in runs}
     base = next(iter(runs))
     base_ms = statistics.median(row[4] for row in rows[base])
     results = []
@@ -326,20 +329,21 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def write_predictions(path: str | Path, examples: Sequence[dict], results: Sequence[dict]) -> None:
     """One JSON line per method and example: what it answered and whether that is right (as `score` judges)."""
-    from luvc_common.research.synthvqa import normalize_answer
-
     with open(path, "w") as f:
         for r in results:
             for i, (ex, pred) in enumerate(zip(examples, r["predictions"], strict=True)):
-                said, answer = normalize_answer(pred), normalize_answer(ex["answer"])
+                correct, similarity = judge(pred, ex["answer"])
                 f.write(json.dumps({"index": i, "method": r["method"], "task": ex["task"], "question": ex["question"],
-                                    "answer": ex["answer"], "prediction": pred, "correct": said == answer,
-                                    "anls": anls(said, answer)}) + "\n")
+                                    "answer": ex["answer"], "prediction": pred, "correct": correct,
+                                    "anls": similarity}) + "\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from luvc_common.research.synthvqa import load_jsonl
 
+    for flag, out in (("--json", args.json), ("--plot", args.plot), ("--predictions", args.predictions)):
+        if out and not Path(out).resolve().parent.is_dir():  # fail before the evaluation, not after it
+            raise UserError(f"{flag} {out}: no such directory {Path(out).parent}")
     try:
         examples = load_jsonl(args.data) if args.data else synthvqa_split()
     except (OSError, ValueError) as e:
