@@ -599,6 +599,23 @@ def test_export_loads(tmp_path):
         assert torch.equal(p, full.get_parameter(name).float()), name
 
 
+def test_average_models_writes_the_mean_of_two_exports_and_refuses_other_architectures(tmp_path):
+    """tools/average_models.py (a model soup): the uniform mean of two runs' exports loads as a stock model."""
+    for seed in ("1", "2"):
+        train(args_for("--out", str(tmp_path / f"run{seed}"), "--steps", "1", "--seed", seed, "--export", str(tmp_path / seed)))
+    tool = [sys.executable, str(Path(__file__).parent.parent / "tools" / "average_models.py")]
+    run = subprocess.run([*tool, str(tmp_path / "soup"), str(tmp_path / "1"), str(tmp_path / "2")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two, soup = (Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / d, torch_dtype=torch.float32).state_dict() for d in ("1", "2", "soup"))
+    assert soup.keys() == one.keys() and any(not torch.equal(one[k], two[k]) for k in one)
+    for name, w in soup.items():
+        assert torch.equal(w, ((one[name] + two[name]) / 2).bfloat16().float()), name
+    assert not (tmp_path / "soup" / "README.md").exists()
+    train(args_for("--out", str(tmp_path / "run3"), "--steps", "1", "--rope-theta", "100", "--export", str(tmp_path / "3")))
+    run = subprocess.run([*tool, str(tmp_path / "no"), str(tmp_path / "1"), str(tmp_path / "3")], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "config.json" in run.stderr and not (tmp_path / "no").exists()
+
+
 def test_a_run_starts_from_an_exported_model_as_from_its_checkpoint(tmp_path):
     out = tmp_path / "model"
     train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--export", str(out)))
