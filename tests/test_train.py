@@ -238,6 +238,14 @@ def test_cpu_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_warns_where_the_cpu_only_emulates_bf16(tmp_path, capsys, monkeypatch, native):
+    """The hardware probe is replaced (this machine is one CPU or the other); the warning follows what it says."""
+    monkeypatch.setattr("luvc_common.research.train.native_cpu_bf16", lambda: native)
+    train(args_for("--out", str(tmp_path), "--steps", "1", "--cpu-bf16"))
+    assert ("bf16 is emulated there" in capsys.readouterr().err) is not native
+
+
 def test_the_step_benchmark_times_both_precisions():
     tool = Path(__file__).parent.parent / "tools" / "bench_train_step.py"
     run = subprocess.run([sys.executable, str(tool), *TINY, "--repeats", "2", "--threads", "1"], capture_output=True, text=True, timeout=300)

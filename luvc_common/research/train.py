@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -160,7 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:N"; auto: cuda when available (bf16 autocast there)')
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast on CPU too, as on CUDA (fp32 weights and optimizer state either way): training steps "
-                        "ran 1.7x faster on the AVX512-BF16 EPYC cores of docs/training.md's machine")
+                        "ran 1.7x faster on the AVX512-BF16 EPYC cores of docs/training.md's machine, 22x slower on an AVX2-only one "
+                        "(emulated bf16: a warning says so)")
     p.add_argument("--workers", type=int_at_least(0), default=0, help="data-loader processes building batches ahead (0: in the training loop)")
     return p
 
@@ -530,6 +532,11 @@ def autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware; elsewhere CPU autocast emulates it, far slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def cpu_autocast(bf16: bool, device: torch.device) -> AbstractContextManager:
     """--cpu-bf16's bf16 autocast around a CPU forward pass (backward runs outside it, as autocast asks)."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device.type == "cpu")
@@ -766,6 +773,9 @@ def train(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--low-pixels {args.low_pixels}: expected {MIN_PIXELS} (the processor's min_pixels) to --max-pixels {args.max_pixels}")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.cpu_bf16 and device.type == "cpu" and not native_cpu_bf16():
+        print("warning: --cpu-bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, and a step took 22x as long "
+              "as in fp32 on an AVX2 EPYC (tools/bench_train_step.py); drop --cpu-bf16 on this machine", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, processor = _tokenizer(), image_processor(args.max_pixels)
