@@ -619,9 +619,14 @@ def test_average_models_writes_the_mean_of_two_exports_and_refuses_other_archite
     for name, w in soup.items():
         assert torch.equal(w, ((one[name] + two[name]) / 2).bfloat16().float()), name
     assert not (tmp_path / "soup" / "README.md").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "soup" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # a service's user can read it
     train(args_for("--out", str(tmp_path / "run3"), "--steps", "1", "--rope-theta", "100", "--export", str(tmp_path / "3")))
-    run = subprocess.run([*tool, str(tmp_path / "no"), str(tmp_path / "1"), str(tmp_path / "3")], capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "config.json" in run.stderr and not (tmp_path / "no").exists()
+    for models, error in (([tmp_path / "1", tmp_path / "3"], "not one architecture"), ([tmp_path / "1"], "Usage"),
+                          ([tmp_path / "1", tmp_path / "none"], "not a model directory")):
+        run = subprocess.run([*tool, str(tmp_path / "no"), *map(str, models)], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and error in run.stderr and not (tmp_path / "no").exists(), run.stderr[-2000:]
 
 
 def test_a_run_starts_from_an_exported_model_as_from_its_checkpoint(tmp_path):
