@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -626,6 +627,33 @@ def test_average_models_writes_the_mean_of_two_exports_and_refuses_other_archite
     for models, error in (([tmp_path / "1", tmp_path / "3"], "not one architecture"), ([tmp_path / "1"], "Usage"),
                           ([tmp_path / "1", tmp_path / "none"], "not a model directory")):
         run = subprocess.run([*tool, str(tmp_path / "no"), *map(str, models)], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and error in run.stderr and not (tmp_path / "no").exists(), run.stderr[-2000:]
+
+
+def test_widen_vision_doubles_the_tower_without_changing_its_tokens_and_a_run_continues_it(tmp_path):
+    """tools/widen_vision.py: a 128-wide tower (heads of 32) widened to 256 hands the LLM the same visual tokens, keeps
+    the LLM, and is the model `--vision-dim 256` builds, so a run starts from it."""
+    train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--vision-dim", "128", "--export", str(tmp_path / "narrow")))
+    tool = Path(__file__).parent.parent / "tools" / "widen_vision.py"
+    run = subprocess.run([sys.executable, str(tool), str(tmp_path / "narrow"), str(tmp_path / "wide")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    narrow, wide = (Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / d, torch_dtype=torch.float32).eval() for d in ("narrow", "wide"))
+    assert (wide.config.vision_config.embed_dim, wide.config.vision_config.num_heads) == (256, 8)
+    llm = {k: w for k, w in narrow.state_dict().items() if ".visual." not in f".{k}"}
+    assert all(torch.equal(w, wide.state_dict()[k]) for k, w in llm.items())
+    in_memory = type(wide)(wide.config).eval()  # fp32 shares, before the export rounds them to bf16
+    in_memory.load_state_dict(runpy.run_path(str(tool))["widen_tower"](narrow.state_dict(), 128, 256, 2))
+    torch.manual_seed(0)
+    patches, grid = torch.randn(24, 3 * 2 * 14 * 14), torch.tensor([[1, 4, 6]])
+    with torch.no_grad():
+        before, exact, exported = (m.model.visual(patches, grid_thw=grid).pooler_output for m in (narrow, in_memory, wide))
+    assert before.shape == exported.shape == (6, 256)
+    assert torch.allclose(exact, before, atol=1e-5, rtol=1e-4)
+    assert (exported - before).abs().max() < 0.02 * before.abs().mean()  # bf16 rounding of the split weights
+    train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--vision-dim", "256", "--init", str(tmp_path / "wide")))
+    for argv, error in ((["--factor", "1"], "at least 2"), ([], "not a model directory")):
+        source = tmp_path / ("narrow" if argv else "none")
+        run = subprocess.run([sys.executable, str(tool), str(source), str(tmp_path / "no"), *argv], capture_output=True, text=True, timeout=120)
         assert run.returncode != 0 and error in run.stderr and not (tmp_path / "no").exists(), run.stderr[-2000:]
 
 

@@ -98,9 +98,9 @@ class Qwen2VL(Family):
     def tiny_config(self, tokenizer, text_layers: int = 4, vision_depth: int = 4, hidden: int = 256, vision_dim: int = 128,
                     init_range: float = 0.1, rope_theta: float = 10000.0, mrope_section: tuple[int, int, int] = (8, 12, 12),
                     text_overrides: dict | None = None, vision_overrides: dict | None = None):
-        """A ~4M-parameter model (defaults): vision vision_dim x vision_depth, LLM hidden x text_layers;
-        rope_theta and mrope_section (temporal, height, width rotary frequencies, summing to head_dim / 2) set
-        the LLM's M-RoPE; the overrides replace text / vision config fields (e.g. a real model's shape)."""
+        """A ~4M-parameter model (defaults): vision vision_dim x vision_depth (heads of 32 channels, at least 4),
+        LLM hidden x text_layers; rope_theta and mrope_section (temporal, height, width rotary frequencies, summing
+        to head_dim / 2) set the LLM's M-RoPE; the overrides replace text / vision config fields (e.g. a real model's shape)."""
         ids = tokenizer.convert_tokens_to_ids
         special = dict(bos_token_id=ids(self.chat.pad), eos_token_id=ids(self.chat.turn_end), pad_token_id=ids(self.chat.pad))
         text = dict(
@@ -109,8 +109,8 @@ class Qwen2VL(Family):
             rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": list(mrope_section)},
             **special,
         )
-        vision = dict(depth=vision_depth, num_heads=4, initializer_range=init_range, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, in_channels=3, **self._vision_sizes(vision_dim, hidden, vision_depth))
+        vision = dict(depth=vision_depth, num_heads=max(4, vision_dim // 32), initializer_range=init_range, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, **self._vision_sizes(vision_dim, hidden, vision_depth))
         return self.config_class(
             text_config={**text, **(text_overrides or {})}, vision_config={**vision, **(vision_overrides or {})},
             tie_word_embeddings=True, image_token_id=ids(self.chat.image), video_token_id=ids(self.chat.video),
