@@ -631,25 +631,32 @@ def test_average_models_writes_the_mean_of_two_exports_and_refuses_other_archite
 
 
 def test_widen_vision_doubles_the_tower_without_changing_its_tokens_and_a_run_continues_it(tmp_path):
-    """tools/widen_vision.py: a 128-wide tower (heads of 32) widened to 256 hands the LLM the same visual tokens, keeps
-    the LLM, and is the model `--vision-dim 256` builds, so a run starts from it."""
+    """tools/widen_vision.py: a 128-wide tower (heads of 32) widened to 256 hands the LLM the same visual tokens
+    (without noise), keeps the LLM, and is the model `--vision-dim 256` builds, so a run starts from it; the default
+    noise makes each channel's copy differ from the original, which keeps its weights."""
     train(args_for("--out", str(tmp_path / "run"), "--steps", "1", "--vision-dim", "128", "--export", str(tmp_path / "narrow")))
     tool = Path(__file__).parent.parent / "tools" / "widen_vision.py"
-    run = subprocess.run([sys.executable, str(tool), str(tmp_path / "narrow"), str(tmp_path / "wide")], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    narrow, wide = (Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / d, torch_dtype=torch.float32).eval() for d in ("narrow", "wide"))
-    assert (wide.config.vision_config.embed_dim, wide.config.vision_config.num_heads) == (256, 8)
+    widen = lambda out, *argv: subprocess.run([sys.executable, str(tool), str(tmp_path / "narrow"), str(tmp_path / out), *argv],
+                                              capture_output=True, text=True, timeout=120)
+    for run in (widen("exact", "--noise", "0"), widen("wide")):
+        assert run.returncode == 0, run.stderr[-2000:]
+    narrow, exact, wide = (Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / d, torch_dtype=torch.float32).eval()
+                           for d in ("narrow", "exact", "wide"))
+    assert (exact.config.vision_config.embed_dim, exact.config.vision_config.num_heads) == (256, 8)
     llm = {k: w for k, w in narrow.state_dict().items() if ".visual." not in f".{k}"}
-    assert all(torch.equal(w, wide.state_dict()[k]) for k, w in llm.items())
-    in_memory = type(wide)(wide.config).eval()  # fp32 shares, before the export rounds them to bf16
+    assert all(torch.equal(w, exact.state_dict()[k]) and torch.equal(w, wide.state_dict()[k]) for k, w in llm.items())
+    in_memory = type(exact)(exact.config).eval()  # fp32 shares, before the export rounds them to bf16
     in_memory.load_state_dict(runpy.run_path(str(tool))["widen_tower"](narrow.state_dict(), 128, 256, 2))
     torch.manual_seed(0)
     patches, grid = torch.randn(24, 3 * 2 * 14 * 14), torch.tensor([[1, 4, 6]])
     with torch.no_grad():
-        before, exact, exported = (m.model.visual(patches, grid_thw=grid).pooler_output for m in (narrow, in_memory, wide))
+        before, fp32, exported = (m.model.visual(patches, grid_thw=grid).pooler_output for m in (narrow, in_memory, exact))
     assert before.shape == exported.shape == (6, 256)
-    assert torch.allclose(exact, before, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(fp32, before, atol=1e-5, rtol=1e-4)
     assert (exported - before).abs().max() < 0.02 * before.abs().mean()  # bf16 rounding of the split weights
+    embed = "model.visual.patch_embed.proj.weight"
+    original, noisy = narrow.state_dict()[embed], wide.state_dict()[embed]
+    assert torch.equal(noisy[:128], original) and not torch.equal(noisy[128:], original)
     train(args_for("--out", str(tmp_path / "next"), "--steps", "1", "--vision-dim", "256", "--init", str(tmp_path / "wide")))
     for argv, error in ((["--factor", "1"], "at least 2"), ([], "not a model directory")):
         source = tmp_path / ("narrow" if argv else "none")
