@@ -23,7 +23,7 @@ from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
 from luvc_common.research.train import (FAMILY, AttentionPointer, QuestionProbe, Recipe, Schedule, StepBatches, VisionProbe, add_arguments, build_model, build_optimizer,
                                         covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, start_weights, make_batch, pixels_at, recipe_at,
-                                        grid_thirds, score, token_cells, token_labels, train)
+                                        grid_thirds, reading_places, score, token_cells, token_labels, train)
 from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, SHAPES, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
@@ -279,6 +279,30 @@ def test_probe_chain_reports_every_link_of_a_checkpoint(tmp_path):
         assert re.search(rf"{task} +exact [\d.]+ +answer loss [\d.]+ .* L0 [\d.]+ \([\d.]+\) L1 [\d.]+ \([\d.]+\)", out), out
     for what in ("colour", "shape"):
         assert re.search(rf"the {what} the question names .*: embedding [\d.]+ L0 [\d.]+ L1 [\d.]+ \(majority class [\d.]+\)", out), out
+
+
+def test_probe_slots_scores_every_labelled_digit_once_per_split(tmp_path):
+    """tools/probe_slots.py on a small checkpoint: each split (ambiguity, x place, y place) partitions the same digits."""
+    flags = [*TINY, "--aux-weight", "1", "--char-slots", "2"]
+    train(args_for("--out", str(tmp_path), "--steps", "1", *flags[len(TINY):], "--tasks", "read"))
+    tool = [sys.executable, str(Path(__file__).parent.parent / "tools" / "probe_slots.py"), str(tmp_path / "ckpt.pt")]
+    run = subprocess.run([*tool, *flags, "--n", "6", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"^\d+ digits in 6 read scenes; .* median [\d.]+, under 0.6 for [\d.]+", run.stdout, re.M), run.stdout
+    counts = {k: (int(r), int(n)) for k, r, n in re.findall(r"slots right, ([\w :]+): (\d+)/(\d+)", run.stdout)}
+    right, total = counts.pop("all")
+    assert total > 0
+    for split in ("clean|ambiguous", "x: ", "y: "):
+        part = [v for k, v in counts.items() if re.match(split, k)]
+        assert (sum(r for r, _ in part), sum(n for _, n in part)) == (right, total), run.stdout
+    refused = subprocess.run([*tool, *TINY, "--aux-weight", "1"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--char-slots" in refused.stderr
+
+
+def test_reading_places_give_each_digit_the_token_with_most_of_its_ink_in_reading_order():
+    cell = np.array([[0, 0, 1, 1]])
+    masks = [np.array([[1, 1, 1, 0]], bool), np.array([[0, 1, 0, 0]], bool), np.zeros((1, 4), bool), np.array([[0, 0, 1, 1]], bool)]
+    assert reading_places(masks, cell, 2) == [(0, 0), (0, 1), None, (1, 0)]
 
 
 def test_token_labels_line_up_with_the_merged_token_grid():

@@ -418,14 +418,23 @@ def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: 
     centre = np.zeros(n, dtype=np.int64)
     centre[[cell[o.cy, o.cx] for o in scene.objects]] = 1
     slots = np.zeros((n, char_slots), dtype=np.int64)
-    filled = np.zeros(n, dtype=np.int64)
-    for ch, mask in zip(scene.text, evidence(scene, QuestionSpec("read"), look) if char_slots else []):
-        if not mask.any():
-            continue
-        t = np.bincount(cell[mask], minlength=n).argmax()
-        if filled[t] < char_slots:
-            slots[t, filled[t]], filled[t] = 1 + CHARS.index(ch), filled[t] + 1
+    masks = evidence(scene, QuestionSpec("read"), look) if char_slots else []
+    for ch, place in zip(scene.text, reading_places(masks, cell, n)):
+        if place is not None and place[1] < char_slots:
+            slots[place] = 1 + CHARS.index(ch)
     return torch.from_numpy(np.concatenate([np.stack([*out, centre], 1), slots], 1))
+
+
+def reading_places(masks: list[np.ndarray], cell: np.ndarray, n: int) -> list[tuple[int, int] | None]:
+    """Per character (its ink mask, in reading order), the token holding most of its ink and its place among that
+    token's characters (token_labels' char slot); None for a character with no ink."""
+    filled, out = np.zeros(n, dtype=np.int64), []
+    for mask in masks:
+        t = int(np.bincount(cell[mask], minlength=n).argmax()) if mask.any() else None
+        out.append(None if t is None else (t, int(filled[t])))
+        if t is not None:
+            filled[t] += 1
+    return out
 
 
 def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe = Recipe()) -> dict:
