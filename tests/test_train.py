@@ -23,10 +23,11 @@ from luvc_common.models.loading import load_model
 from luvc_common.engine.media import Media
 from luvc_common.research.train import (FAMILY, AttentionPointer, QuestionProbe, Recipe, Schedule, StepBatches, VisionProbe, add_arguments, build_model, build_optimizer,
                                         covered_tokens, encode_example, evaluate, image_processor, initial_weights, load_checkpoint, start_weights, make_batch, pixels_at, recipe_at,
-                                        grid_thirds, reading_places, score, token_cells, token_labels, train)
-from luvc_common.research.synthvqa import (ALT_COLORS, COLORS, POSITIONS, SHAPES, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
+                                        band_places, grid_thirds, reading_places, score, token_cells, token_labels, train)
+from luvc_common.research.synthvqa import (ALT_COLORS, CHARS, COLORS, POSITIONS, SHAPES, Bar, Look, QuestionSpec, Scene, Shape, answer_for, evidence, jitter_scene,
                                            make_example, question_text, random_look, render, scene_questions)
 from luvc_common.models.tokenizer import build_tokenizer
+from luvc_common.research.evaluate import VALIDATION_SEED
 
 TINY = ["--text-layers", "2", "--vision-depth", "1", "--vision-dim", "64", "--max-pixels", str(112 * 112),
         "--batch-size", "2", "--warmup", "2", "--lr", "3e-3", "--eval-every", "0"]
@@ -295,6 +296,7 @@ def test_probe_slots_scores_every_labelled_digit_once_per_split(tmp_path):
     for split in ("clean|ambiguous", "x: ", "y: "):
         part = [v for k, v in counts.items() if re.match(split, k)]
         assert (sum(r for r, _ in part), sum(n for _, n in part)) == (right, total), run.stdout
+    assert re.search(r"^numbers read exactly off the heads: \d+/6 = [\d.]+$", run.stdout, re.M), run.stdout
     refused = subprocess.run([*tool, *TINY, "--aux-weight", "1"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--char-slots" in refused.stderr
 
@@ -303,6 +305,34 @@ def test_reading_places_give_each_digit_the_token_with_most_of_its_ink_in_readin
     cell = np.array([[0, 0, 1, 1]])
     masks = [np.array([[1, 1, 1, 0]], bool), np.array([[0, 1, 0, 0]], bool), np.zeros((1, 4), bool), np.array([[0, 0, 1, 1]], bool)]
     assert reading_places(masks, cell, 2) == [(0, 0), (0, 1), None, (1, 0)]
+
+
+def test_band_places_name_each_digit_once_by_the_band_of_its_ink_centre(tmp_path):
+    """A 56 x 28 scene, one row of two 28-px tokens in 7-px bands: ink centred at x 3, 20, 26.5 and 30."""
+    masks = np.zeros((5, 28, 56), bool)
+    for mask, (x0, x1) in zip(masks, [(2, 5), (19, 22), (25, 29), (29, 32)]):
+        mask[10:20, x0:x1] = True
+    assert band_places(list(masks), Scene(56, 28, (240, 240, 240)), torch.tensor([[1, 2, 4]]), 2, 4) == [(0, 0), (0, 2), (0, 3), (1, 0), None]
+    tall = np.zeros((56, 28), bool)
+    tall[38:43, 10:13] = True  # centre y 40: the second token row of a 28 x 56 scene
+    assert band_places([tall], Scene(28, 56, (240, 240, 240)), torch.tensor([[1, 4, 2]]), 2, 2) == [(1, 0)]
+    assert recipe_at(args_for("--aux-weight", "1", "--char-slots", "4", "--char-bands"), 0).char_bands
+    with pytest.raises(ConfigError, match="--char-bands: .*give --char-slots"):
+        train(args_for("--out", str(tmp_path), "--steps", "1", "--aux-weight", "1", "--char-bands"))
+
+
+@pytest.mark.parametrize("bands", [False, True])
+def test_char_slot_labels_read_back_as_the_number(bands):
+    """probe_slots' read-out of a tower's slot heads, applied to the targets themselves, gives back each validation
+    number (both slot rules), so a tower that learnt its targets reads the number."""
+    read_out = runpy.run_path(str(Path(__file__).parent.parent / "tools" / "probe_slots.py"))["read_out"]
+    processor = image_processor(200704)
+    for i in range(6):
+        scene = make_example(VALIDATION_SEED, i, "read").scene
+        _, grid = FAMILY.patchify([Media("image", [render(scene)])], processor)
+        slots = token_labels(scene, Look(), grid, char_slots=4, bands=bands)[:, 5:].numpy()
+        assert read_out(slots, int(grid[0, 2]) // 2, bands) == scene.text
+        assert sorted(slots[slots > 0].tolist()) == sorted(1 + CHARS.index(c) for c in scene.text)
 
 
 def test_token_labels_line_up_with_the_merged_token_grid():

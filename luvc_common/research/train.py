@@ -131,6 +131,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="weigh each dense label kind's background and labelled tokens equally (objects are few tokens)")
     p.add_argument("--char-slots", type=int_at_least(0), default=0,
                    help="with --aux-weight: per visual token also learn the first S characters of the text inked mostly in it, in reading order")
+    p.add_argument("--char-bands", action="store_true",
+                   help="with --char-slots S: slot j of a token names the character whose ink centre lies in the j-th of S "
+                        "vertical bands of its cell, instead of the j-th character inked mostly there (a misjudged digit "
+                        "then costs its own slot only, not a shift of every later one)")
     p.add_argument("--char-weight", type=float, default=1.0,
                    help="with --aux-weight: weight of the character kinds (the majority character and the char slots) in the "
                         "dense loss's mean over label kinds; above 1 spends more of it on the tower's digit recognition")
@@ -372,6 +376,8 @@ class Recipe:
     """Height of a "read" scene cut to a strip of text; None: as tall as SynthVQA draws it."""
     strip_share: float = 1.0
     """With read_height: the share of "read" scenes cut (drawn per example index)."""
+    char_bands: bool = False
+    """With char_slots: the slots are bands of the token's cell (token_labels)."""
 
 
 def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
@@ -380,7 +386,7 @@ def recipe_at(args: argparse.Namespace, step: int) -> Recipe:
     distractors = min(top, (top + 1) * step // args.curriculum) if args.curriculum else top
     return Recipe(args.questions, distractors, args.tasks, args.side, args.augment, args.aux_weight > 0, args.pointer_weight > 0,
                   args.char_slots, args.question_weight > 0, args.read_digits, args.read_height,
-                  args.strip_share)
+                  args.strip_share, args.char_bands)
 
 
 MIN_COVER = 0.02
@@ -402,12 +408,14 @@ def covered_tokens(mask: np.ndarray, cell: np.ndarray, n: int, min_pixels: float
     return np.flatnonzero(counts >= max(1, min(min_pixels, counts.max())))
 
 
-def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: int = 14, char_slots: int = 0) -> Tensor:
+def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: int = 14, char_slots: int = 0,
+                 bands: bool = False) -> Tensor:
     """Targets per merged visual token, in the merger's row-major order: for each of synthvqa.LABEL_MAPS the class
     covering most of the token's (merge * patch)-pixel cell of the resized image (0 when none covers MIN_COVER
     of it), then 1 when an object's centre lies in the cell, then char_slots columns: the characters of the text
     inked mostly in the cell, in reading order (0 past the last). A token holds several small digits; "char" names
-    only the one with the most ink, while reading needs all of them and their order."""
+    only the one with the most ink, while reading needs all of them and their order. With bands, slot j of a token
+    holds the character whose ink centre lies in the j-th of char_slots vertical bands of its cell (band_places)."""
     cell, n, min_pixels = token_cells(scene, grid, merge)
     out = []
     for name, m in label_maps(scene, look).items():
@@ -419,7 +427,8 @@ def token_labels(scene: Scene, look: Look, grid: Tensor, merge: int = 2, patch: 
     centre[[cell[o.cy, o.cx] for o in scene.objects]] = 1
     slots = np.zeros((n, char_slots), dtype=np.int64)
     masks = evidence(scene, QuestionSpec("read"), look) if char_slots else []
-    for ch, place in zip(scene.text, reading_places(masks, cell, n)):
+    places = band_places(masks, scene, grid, merge, char_slots) if bands else reading_places(masks, cell, n)
+    for ch, place in zip(scene.text, places):
         if place is not None and place[1] < char_slots:
             slots[place] = 1 + CHARS.index(ch)
     return torch.from_numpy(np.concatenate([np.stack([*out, centre], 1), slots], 1))
@@ -434,6 +443,21 @@ def reading_places(masks: list[np.ndarray], cell: np.ndarray, n: int) -> list[tu
         out.append(None if t is None else (t, int(filled[t])))
         if t is not None:
             filled[t] += 1
+    return out
+
+
+def band_places(masks: list[np.ndarray], scene: Scene, grid: Tensor, merge: int, bands: int) -> list[tuple[int, int] | None]:
+    """Per character (its ink mask), the token whose cell holds its ink centre and which of `bands` equal vertical
+    bands of that cell the centre is in; None for a character with no ink."""
+    rows, cols = int(grid[0, 1]) // merge, int(grid[0, 2]) // merge
+    out = []
+    for mask in masks:
+        if not mask.any():
+            out.append(None)
+            continue
+        ys, xs = np.nonzero(mask)
+        x, y = (xs.mean() + 0.5) * cols / scene.width, (ys.mean() + 0.5) * rows / scene.height
+        out.append((int(y) * cols + int(x), min(int((x - int(x)) * bands), bands - 1)))
     return out
 
 
@@ -477,7 +501,8 @@ def encode_example(seed: int, index: int, tokenizer, processor, recipe: Recipe =
         labels += [-100] * len(prompt_ids) + answer_ids
     item = dict(ids=ids, labels=labels, pixels=pixels, grid=grid, task=ex.task)
     if recipe.dense:
-        item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size, recipe.char_slots)
+        item["aux_labels"] = token_labels(scene, look, grid, processor.merge_size, processor.patch_size, recipe.char_slots,
+                                          recipe.char_bands)
     if recipe.pointer:
         item["pointers"] = pointers
     if recipe.question:
@@ -768,6 +793,8 @@ def train(args: argparse.Namespace) -> dict:
     """Train (or resume), log, checkpoint, and export when done or out of time; returns the last log record."""
     if args.seed in (VALIDATION_SEED, TEST_SEED):
         raise ConfigError(f"--seed {args.seed} is a held-out SynthVQA split (validation {VALIDATION_SEED}, test {TEST_SEED})")
+    if args.char_bands and not args.char_slots:
+        raise ConfigError("--char-bands: how many bands? give --char-slots")
     if (args.aux_balanced or args.cell_layer is not None or args.char_slots or args.char_weight != 1) and not args.aux_weight:
         raise ConfigError("--aux-balanced, --cell-layer, --char-slots and --char-weight shape the dense visual-token loss: "
                           "they need --aux-weight > 0")
@@ -806,7 +833,7 @@ def train(args: argparse.Namespace) -> dict:
                   flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {device}; starting at step {step}/{args.steps}", flush=True)
-    val_recipe = Recipe(dense=True, char_slots=args.char_slots) if args.vision_only else Recipe()
+    val_recipe = Recipe(dense=True, char_slots=args.char_slots, char_bands=args.char_bands) if args.vision_only else Recipe()
     val = [make_batch(VALIDATION_SEED, range(i, min(i + 24, args.eval_n)), tokenizer, processor, val_recipe)
            for i in range(0, args.eval_n if args.eval_every else 0, 24)]
     model.train()
