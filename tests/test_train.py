@@ -217,6 +217,8 @@ def test_resume_continues_exactly(tmp_path, aux):
     assert load_checkpoint(tmp_path / "b" / "ckpt.pt", model, opt, Schedule(args.lr, 4, 2, 1.0, None), heads) == 2
     for k, s in opt.state_dict()["state"].items():
         assert all(torch.equal(s[name], saved["optimizer"]["state"][k][name]) for name in ("exp_avg", "exp_avg_sq", "step"))
+    with open(tmp_path / "b" / "log.jsonl", "a") as log:  # a step logged after the last checkpoint, then killed
+        log.write(json.dumps({"step": 3, "loss": 9.9}) + "\n")
     train(args_for("--out", str(tmp_path / "b"), "--steps", "4", "--resume", *const))
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
     assert a["step"] == b["step"] == 4
@@ -226,7 +228,7 @@ def test_resume_continues_exactly(tmp_path, aux):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(s[name], b["optimizer"]["state"][k][name]), (k, name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4]  # the killed run's step 3 is gone
 
 
 def test_cpu_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
@@ -307,7 +309,7 @@ def test_reading_places_give_each_digit_the_token_with_most_of_its_ink_in_readin
     assert reading_places(masks, cell, 2) == [(0, 0), (0, 1), None, (1, 0)]
 
 
-def test_band_places_name_each_digit_once_by_the_band_of_its_ink_centre(tmp_path):
+def test_band_places_name_each_digit_once_by_the_band_of_its_ink_centre():
     """A 56 x 28 scene, one row of two 28-px tokens in 7-px bands: ink centred at x 3, 20, 26.5 and 30."""
     masks = np.zeros((5, 28, 56), bool)
     for mask, (x0, x1) in zip(masks, [(2, 5), (19, 22), (25, 29), (29, 32)]):
@@ -316,7 +318,16 @@ def test_band_places_name_each_digit_once_by_the_band_of_its_ink_centre(tmp_path
     tall = np.zeros((56, 28), bool)
     tall[38:43, 10:13] = True  # centre y 40: the second token row of a 28 x 56 scene
     assert band_places([tall], Scene(28, 56, (240, 240, 240)), torch.tensor([[1, 4, 2]]), 2, 2) == [(1, 0)]
-    assert recipe_at(args_for("--aux-weight", "1", "--char-slots", "4", "--char-bands"), 0).char_bands
+
+
+def test_char_bands_reach_the_training_labels_and_need_char_slots(tmp_path):
+    """--char-bands changes the slot columns of encode_example's labels (a read scene), nothing else; without
+    --char-slots it is refused."""
+    tokenizer, processor = build_tokenizer(FAMILY.chat), image_processor(200704)
+    bands, order = (encode_example(1000, 4, tokenizer, processor, recipe_at(args_for("--aux-weight", "1", "--char-slots", "4",
+                    *flag, "--tasks", "read"), 0))["aux_labels"] for flag in (["--char-bands"], []))
+    assert torch.equal(bands[:, :5], order[:, :5]) and not torch.equal(bands[:, 5:], order[:, 5:])
+    assert sorted(bands[:, 5:][bands[:, 5:] > 0].tolist()) == sorted(order[:, 5:][order[:, 5:] > 0].tolist())
     with pytest.raises(ConfigError, match="--char-bands: .*give --char-slots"):
         train(args_for("--out", str(tmp_path), "--steps", "1", "--aux-weight", "1", "--char-bands"))
 

@@ -765,6 +765,14 @@ def grown_layers(weights: dict[str, Tensor], given: Collection[str], scope: Call
     return {k: torch.zeros_like(weights[k]) for k, m in missing.items() if m[2] in outputs}
 
 
+def drop_later_records(log: Path, step: int) -> None:
+    """Keep only the log records up to the checkpoint's step: a run stopped between checkpoints logged steps that its
+    resume trains again."""
+    if log.exists():
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
 def load_checkpoint(path: Path, model, optimizer, schedule: Schedule, heads: dict[str, torch.nn.Module] | None = None) -> int:
     state = torch.load(path, weights_only=False, map_location=next(model.parameters()).device)
     heads = heads or {}
@@ -825,6 +833,8 @@ def train(args: argparse.Namespace) -> dict:
     schedule = Schedule(args.lr, args.steps, args.warmup, args.min_lr_frac, None if args.minutes is None else 60 * args.minutes)
     ckpt = out / "ckpt.pt"
     step = load_checkpoint(ckpt, model, optimizer, schedule, heads) if args.resume and ckpt.exists() else 0
+    if step:
+        drop_later_records(out / "log.jsonl", step)
     if step == 0 and (args.init or args.init_vision):
         model.load_state_dict(start_weights(args, model))
         if args.init and heads:
